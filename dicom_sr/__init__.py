@@ -1,0 +1,1 @@
+"""Everything that turns ``Findings`` plus source datasets into DICOM objects."""

@@ -1,0 +1,1 @@
+"""Everything that turns a volume plus clinical context into ``Findings``."""

@@ -1,0 +1,137 @@
+"""One settings object, validated at start and passed in (never a module singleton).
+
+Loaded from a YAML file (``hpb-node --config FILE``) with ``HPB_*`` environment
+overrides for the few values deployments set per machine. Every field has an
+embedded default that runs the node on one machine with SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.errors import ConfigError
+
+DEMO_SECRET = "change-me-demo-only"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestSettings(_Section):
+    ae_title: str = "HPBNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_calling_aes: list[str] = Field(default_factory=list)  # empty: any AE
+    max_associations: int = Field(default=8, ge=1)
+    max_pdu: int = Field(default=131072, ge=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        if not 1 <= len(v) <= 16 or "\\" in v:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return v
+
+
+class SpoolSettings(_Section):
+    root: Path = Path("var/spool")
+    min_free_mb: int = Field(default=512, ge=0)
+    retention_hours: float = Field(default=72.0, ge=0)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/hpb-node.db"
+
+
+class SchedulerSettings(_Section):
+    stable_after_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    late_instances: str = "reopen"  # "reopen" the series or start a "new_job"
+
+    @field_validator("late_instances")
+    @classmethod
+    def _late(cls, v: str) -> str:
+        if v not in ("reopen", "new_job"):
+            raise ValueError("late_instances must be 'reopen' or 'new_job'")
+        return v
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8042 + 1000, ge=0, le=65535)
+    admin_token: str = DEMO_SECRET
+
+
+class WorkerSettings(_Section):
+    count: int = Field(default=1, ge=0)
+    lease_s: float = Field(default=120.0, gt=0)
+    heartbeat_s: float = Field(default=15.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    backoff_s: float = Field(default=10.0, ge=0)
+
+
+class ModelSettings(_Section):
+    bundle: Path | None = None  # None: the demo bundle shipped in models/
+    device: str = "cpu"
+
+
+class ExportSettings(_Section):
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=5.0, ge=0)
+    not_for_clinical_use: bool = True
+
+
+class Settings(_Section):
+    demo: bool = True
+    rules_file: Path | None = None
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+
+    def check_secrets(self) -> None:
+        """Refuse to run outside demo mode with the demo admin token."""
+        if not self.demo and self.http.admin_token == DEMO_SECRET:
+            raise ConfigError("http.admin_token: the demo secret may only be used with demo: true")
+
+
+_ENV = {
+    "HPB_DATABASE_URL": ("database", "url"),
+    "HPB_SPOOL_ROOT": ("spool", "root"),
+    "HPB_ADMIN_TOKEN": ("http", "admin_token"),
+}
+
+
+def load_settings(path: Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read settings from ``path`` (YAML) and ``HPB_*`` variables; raise ConfigError naming the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"settings file {path} must hold a mapping at top level")
+        data = loaded or {}
+    environ = os.environ if env is None else env
+    for var, (section, key) in _ENV.items():
+        if var in environ:
+            data.setdefault(section, {})[key] = environ[var]
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"settings: {where}: {first['msg']}") from exc
+    settings.check_secrets()
+    return settings
