@@ -1,0 +1,372 @@
+"""Measurements on masks: organ volumes and attenuation, lesion diameters.
+
+Plain functions on a voxel grid (a :class:`models.volume.Volume`, or anything with
+``array[k, r, c]`` and an ``affine`` from ``(k, r, c, 1)`` to LPS mm) and boolean
+or instance-label masks on that grid; they return :mod:`models.findings` types.
+
+Lesion diameters follow RECIST-style practice in the slice plane:
+
+* the *key slice* is the slice on which the lesion's long axis is largest;
+* the *long axis* is the maximum Feret diameter of the lesion's outline on that
+  slice (the outline is the 0.5 iso-contour of the mask, i.e. the voxel edges);
+* the *short axis* is the longest chord perpendicular to the long axis.
+
+Distances are computed in millimetres through the affine, so anisotropic pixels
+and oblique (even sheared) in-plane axes are handled exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from skimage import measure as skmeasure
+
+from models.findings import Axis, LesionFinding, OrganFinding
+from models.vocab import LesionKind, Organ, SubSite
+
+log = logging.getLogger(__name__)
+
+BoolMask = npt.NDArray[np.bool_]
+SubSiteFn = Callable[
+    [Organ, tuple[float, float, float], Mapping[Organ, BoolMask], "Grid"], SubSite | None
+]
+
+
+class MeasureError(ValueError):
+    """A mask cannot be measured on the given grid; the message says why."""
+
+
+class Grid(Protocol):
+    """Anything with voxels ``array[k, r, c]`` and a ``(k, r, c, 1) -> LPS`` affine."""
+
+    @property
+    def array(self) -> npt.NDArray[Any]: ...
+
+    @property
+    def affine(self) -> npt.NDArray[np.float64]: ...
+
+
+@dataclass(frozen=True)
+class ArrayGrid:
+    """A bare array plus affine, for measuring without a full ``Volume``."""
+
+    array: npt.NDArray[Any]
+    affine: npt.NDArray[np.float64]
+
+
+def _check_mask(grid: Grid, mask: npt.NDArray[Any], what: str) -> None:
+    if mask.shape != grid.array.shape:
+        raise MeasureError(f"{what}: mask shape {mask.shape} != volume shape {grid.array.shape}")
+
+
+def voxel_volume_ml(affine: npt.NDArray[np.float64]) -> float:
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+def _intensity(grid: Grid, mask: BoolMask) -> tuple[float | None, float | None]:
+    if not mask.any():
+        return None, None
+    values = np.asarray(grid.array[mask], dtype=np.float64)
+    return float(values.mean()), float(values.std())
+
+
+# ---------------------------------------------------------------------------
+# organs
+
+
+def measure_organ(
+    grid: Grid, mask: npt.NDArray[Any], organ: Organ, *, confidence: float = 1.0
+) -> OrganFinding:
+    """Volume (ml) and mean / SD intensity (HU for CT) of one organ mask."""
+    _check_mask(grid, mask, f"organ {organ}")
+    m = np.asarray(mask, dtype=bool)
+    mean, std = _intensity(grid, m)
+    return OrganFinding(
+        organ=organ,
+        mask=m,
+        volume_ml=float(m.sum()) * voxel_volume_ml(grid.affine),
+        mean_intensity=mean,
+        std_intensity=std,
+        confidence=confidence,
+    )
+
+
+# ---------------------------------------------------------------------------
+# in-plane diameters
+
+
+def _plane_basis(affine: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """2x2 matrix R with ``y = R @ (r, c)`` orthonormal in-plane mm coordinates."""
+    a2 = np.asarray(affine, dtype=np.float64)[:3, 1:3]
+    _, r = np.linalg.qr(a2)
+    return np.asarray(r, dtype=np.float64)
+
+
+def _outline_points(mask2d: BoolMask) -> list[npt.NDArray[np.float64]]:
+    """Contours (r, c) of a 2-D mask at the voxel edges (0.5 iso-level)."""
+    padded = np.pad(mask2d.astype(np.float32), 1)
+    contours = skmeasure.find_contours(padded, 0.5)
+    return [np.asarray(c, dtype=np.float64) - 1.0 for c in contours]
+
+
+def _hull(points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    if len(points) <= 3:
+        return points
+    try:
+        return points[ConvexHull(points).vertices]
+    except QhullError:  # collinear points (a one-voxel-wide line)
+        return points
+
+
+@dataclass(frozen=True)
+class SliceDiameters:
+    """Long and short axes on one slice, endpoints in (r, c) and lengths in mm."""
+
+    long_rc: tuple[tuple[float, float], tuple[float, float]]
+    long_mm: float
+    short_rc: tuple[tuple[float, float], tuple[float, float]]
+    short_mm: float
+    outline_rc: tuple[tuple[float, float], ...]
+
+
+def _feret(
+    contours: list[npt.NDArray[np.float64]], rmat: npt.NDArray[np.float64]
+) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Maximum Feret diameter (mm) of contour points and its two endpoints (in-plane mm)."""
+    pts = np.concatenate(contours, axis=0) @ rmat.T
+    hull = _hull(pts)
+    diff = hull[:, None, :] - hull[None, :, :]
+    dist = np.sqrt((diff**2).sum(axis=-1))
+    i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(dist[i, j]), hull[i], hull[j]
+
+
+def long_axis_mm(mask2d: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> float:
+    """The maximum Feret diameter (mm) of a 2-D mask on a slice of ``affine``'s grid."""
+    m = np.asarray(mask2d, dtype=bool)
+    if not m.any():
+        return 0.0
+    return _feret(_outline_points(m), _plane_basis(affine))[0]
+
+
+def slice_diameters(mask2d: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> SliceDiameters:
+    """Long axis (max Feret) and longest perpendicular chord of a 2-D mask, in mm."""
+    m = np.asarray(mask2d, dtype=bool)
+    if not m.any():
+        raise MeasureError("empty mask on slice")
+    contours = _outline_points(m)
+    rmat = _plane_basis(affine)
+    rinv = np.linalg.inv(rmat)
+    long_mm, p1, p2 = _feret(contours, rmat)
+
+    # Short axis: longest chord perpendicular to the long axis, over all offsets
+    # along the long axis (intersections of each line with every contour edge).
+    along = (p2 - p1) / max(long_mm, 1e-12)
+    perp = np.array([-along[1], along[0]])
+    best = (0.0, p1, p1)
+    edges_a = np.concatenate([c[:-1] for c in contours if len(c) > 1], axis=0) @ rmat.T
+    edges_b = np.concatenate([c[1:] for c in contours if len(c) > 1], axis=0) @ rmat.T
+    ta, tb = edges_a @ along, edges_b @ along
+    t_min, t_max = float(min(ta.min(), tb.min())), float(max(ta.max(), tb.max()))
+    offsets = np.unique(np.concatenate([np.linspace(t_min, t_max, 257), ta]))
+    for t in offsets:
+        cross = (ta - t) * (tb - t) <= 0
+        if not cross.any():
+            continue
+        a, b = edges_a[cross], edges_b[cross]
+        dt = tb[cross] - ta[cross]
+        frac = np.where(np.abs(dt) > 1e-12, (t - ta[cross]) / np.where(dt == 0, 1, dt), 0.0)
+        hits = a + (b - a) * frac[:, None]
+        s = hits @ perp
+        length = float(s.max() - s.min())
+        if length > best[0]:
+            best = (length, hits[int(np.argmin(s))], hits[int(np.argmax(s))])
+    short_mm, q1, q2 = best
+
+    def to_rc(p: npt.NDArray[np.float64]) -> tuple[float, float]:
+        rc = rinv @ p
+        return (float(rc[0]), float(rc[1]))
+
+    outline = max(contours, key=len)
+    return SliceDiameters(
+        long_rc=(to_rc(p1), to_rc(p2)),
+        long_mm=long_mm,
+        short_rc=(to_rc(q1), to_rc(q2)),
+        short_mm=min(short_mm, long_mm),
+        outline_rc=tuple((float(r), float(c)) for r, c in outline),
+    )
+
+
+# ---------------------------------------------------------------------------
+# lesions
+
+
+def lesion_instances(
+    lesion_mask: npt.NDArray[Any], *, min_voxels: int = 1
+) -> npt.NDArray[np.int32]:
+    """Instance labels 1..n: kept as given for an integer mask; for a boolean
+    mask, 3-D connected components (26-connectivity) numbered by decreasing size.
+    Instances smaller than ``min_voxels`` are dropped (their numbers not reused)."""
+    arr = np.asarray(lesion_mask)
+    if arr.dtype == np.bool_:
+        labels, n = ndimage.label(arr, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        order = np.argsort(-sizes, kind="stable")
+        remap = np.zeros(n + 1, dtype=np.int32)
+        number = 0
+        for idx in order:
+            if sizes[idx] >= min_voxels:
+                number += 1
+                remap[idx + 1] = number
+        return remap[labels]
+    if arr.min(initial=0) < 0:
+        raise MeasureError("lesion instance labels must be >= 0")
+    out = arr.astype(np.int32)
+    if min_voxels > 1:
+        sizes = np.bincount(out.ravel())
+        small = np.flatnonzero(sizes < min_voxels)
+        small = small[small > 0]
+        if small.size:
+            out[np.isin(out, small)] = 0
+    return out
+
+
+def assign_organ(
+    mask: BoolMask, organ_masks: Mapping[Organ, npt.NDArray[Any]], default: Organ
+) -> Organ:
+    """The organ whose mask holds most of the lesion; if none touches it, the
+    organ whose voxels lie nearest to the lesion centroid (index space)."""
+    best: tuple[int, Organ | None] = (0, None)
+    for organ, om in organ_masks.items():
+        overlap = int(np.count_nonzero(mask & np.asarray(om, dtype=bool)))
+        if overlap > best[0]:
+            best = (overlap, organ)
+    if best[1] is not None:
+        return best[1]
+    centroid = np.argwhere(mask).mean(axis=0)
+    nearest: tuple[float, Organ] = (np.inf, default)
+    for organ, om in organ_masks.items():
+        idx = np.argwhere(np.asarray(om, dtype=bool))
+        if idx.size == 0:
+            continue
+        d = float(np.min(((idx - centroid) ** 2).sum(axis=1)))
+        if d < nearest[0]:
+            nearest = (d, organ)
+    return nearest[1]
+
+
+def default_lesion_kind(organ: Organ, mean_intensity: float | None, modality: str) -> LesionKind:
+    """A simple morphological guess when the caller has no better one:
+    gallbladder lesions are calculi; CT lesions near water density (< 20 HU) are
+    cysts; everything else is a mass."""
+    if organ == Organ.GALLBLADDER:
+        return LesionKind.CALCULUS
+    if modality.upper() == "CT" and mean_intensity is not None and mean_intensity < 20.0:
+        return LesionKind.CYST
+    return LesionKind.MASS
+
+
+def measure_lesion(
+    grid: Grid,
+    mask: npt.NDArray[Any],
+    number: int,
+    organ: Organ,
+    kind: LesionKind,
+    *,
+    sub_site: SubSite | None = None,
+    confidence: float = 1.0,
+) -> LesionFinding:
+    """Measure one lesion (a boolean mask of a single instance)."""
+    _check_mask(grid, mask, f"lesion {number}")
+    m = np.asarray(mask, dtype=bool)
+    ks = np.flatnonzero(m.any(axis=(1, 2)))
+    if ks.size == 0:
+        raise MeasureError(f"lesion {number}: empty mask")
+    affine = np.asarray(grid.affine, dtype=np.float64)
+    rows = np.flatnonzero(m.any(axis=(0, 2)))
+    cols = np.flatnonzero(m.any(axis=(0, 1)))
+    r0, c0 = int(rows[0]), int(cols[0])
+    crop = m[:, r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
+    key = max((int(k) for k in ks), key=lambda k: long_axis_mm(crop[k], affine))
+    d = slice_diameters(crop[key], affine)
+
+    centroid_krc = np.argwhere(m).mean(axis=0)
+    centroid = centroid_krc @ affine[:3, :3].T + affine[:3, 3]
+    mean, std = _intensity(grid, m)
+
+    def krc(rc: tuple[float, float]) -> tuple[float, float, float]:
+        return (float(key), rc[0] + r0, rc[1] + c0)
+
+    return LesionFinding(
+        number=number,
+        organ=organ,
+        kind=kind,
+        mask=m,
+        volume_ml=float(m.sum()) * voxel_volume_ml(affine),
+        long_axis=Axis(start=krc(d.long_rc[0]), end=krc(d.long_rc[1]), length_mm=d.long_mm),
+        short_axis=Axis(start=krc(d.short_rc[0]), end=krc(d.short_rc[1]), length_mm=d.short_mm),
+        key_slice=key,
+        centroid_lps=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+        sub_site=sub_site,
+        mean_intensity=mean,
+        std_intensity=std,
+        confidence=confidence,
+        outline=tuple(krc(p) for p in d.outline_rc),
+    )
+
+
+def measure_lesions(
+    grid: Grid,
+    lesions: npt.NDArray[Any],
+    organ_masks: Mapping[Organ, npt.NDArray[Any]],
+    *,
+    min_voxels: int = 1,
+    modality: str | None = None,
+    default_organ: Organ = Organ.LIVER,
+    kinds: Mapping[int, LesionKind] | None = None,
+    confidences: Mapping[int, float] | None = None,
+    sub_site_fn: SubSiteFn | None = None,
+) -> tuple[LesionFinding, ...]:
+    """Measure every lesion instance.
+
+    ``lesions`` is a boolean mask (split into 3-D connected components, numbered
+    by decreasing volume) or an integer instance mask (numbers kept). Each lesion
+    is assigned to the organ mask that holds most of it (nearest organ if none),
+    gets a sub-site from ``sub_site_fn`` (Couinaud segment / pancreatic part) and
+    a kind from ``kinds`` or :func:`default_lesion_kind`.
+    """
+    _check_mask(grid, lesions, "lesions")
+    for organ, om in organ_masks.items():
+        _check_mask(grid, om, f"organ {organ}")
+    instances = lesion_instances(lesions, min_voxels=min_voxels)
+    mod = modality if modality is not None else str(getattr(grid, "modality", ""))
+    out: list[LesionFinding] = []
+    objects = ndimage.find_objects(instances)
+    for idx, box in enumerate(objects):
+        if box is None:
+            continue
+        number = idx + 1
+        m = instances == number
+        organ = assign_organ(m, organ_masks, default_organ)
+        if kinds is not None and number in kinds:
+            kind = kinds[number]
+        else:
+            kind = default_lesion_kind(organ, _intensity(grid, m)[0], mod)
+        centroid_krc = tuple(float(v) for v in np.argwhere(m).mean(axis=0))
+        sub_site = (
+            sub_site_fn(
+                organ, (centroid_krc[0], centroid_krc[1], centroid_krc[2]), organ_masks, grid
+            )
+            if sub_site_fn is not None
+            else None
+        )
+        conf = 1.0 if confidences is None else float(confidences.get(number, 1.0))
+        out.append(measure_lesion(grid, m, number, organ, kind, sub_site=sub_site, confidence=conf))
+    return tuple(out)
