@@ -28,14 +28,16 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage import measure as skmeasure
 
+from models.anatomy import AnatomyError, couinaud_segment, pancreas_part
 from models.findings import Axis, LesionFinding, OrganFinding
 from models.vocab import LesionKind, Organ, SubSite
 
 log = logging.getLogger(__name__)
 
 BoolMask = npt.NDArray[np.bool_]
+#: ``(organ, lesion mask, organ masks, affine) -> sub-site or None``
 SubSiteFn = Callable[
-    [Organ, tuple[float, float, float], Mapping[Organ, BoolMask], "Grid"], SubSite | None
+    [Organ, BoolMask, Mapping[Organ, npt.NDArray[Any]], npt.NDArray[np.float64]], SubSite | None
 ]
 
 
@@ -241,8 +243,9 @@ def lesion_instances(
 def assign_organ(
     mask: BoolMask, organ_masks: Mapping[Organ, npt.NDArray[Any]], default: Organ
 ) -> Organ:
-    """The organ whose mask holds most of the lesion; if none touches it, the
-    organ whose voxels lie nearest to the lesion centroid (index space)."""
+    """The organ whose mask holds most of the lesion; if none overlaps it, the
+    organ touching the lesion's 3-voxel neighbourhood most; else the organ whose
+    voxels lie nearest to the lesion centroid (index space); else ``default``."""
     best: tuple[int, Organ | None] = (0, None)
     for organ, om in organ_masks.items():
         overlap = int(np.count_nonzero(mask & np.asarray(om, dtype=bool)))
@@ -250,16 +253,49 @@ def assign_organ(
             best = (overlap, organ)
     if best[1] is not None:
         return best[1]
-    centroid = np.argwhere(mask).mean(axis=0)
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - 3, 0)
+    hi = idx.max(axis=0) + 4
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    shell = ndimage.binary_dilation(mask[box], iterations=3)
+    for organ, om in organ_masks.items():
+        touch = int(np.count_nonzero(shell & np.asarray(om, dtype=bool)[box]))
+        if touch > best[0]:
+            best = (touch, organ)
+    if best[1] is not None:
+        return best[1]
+    centroid = idx.mean(axis=0)
     nearest: tuple[float, Organ] = (np.inf, default)
     for organ, om in organ_masks.items():
-        idx = np.argwhere(np.asarray(om, dtype=bool))
-        if idx.size == 0:
+        oidx = np.argwhere(np.asarray(om, dtype=bool))
+        if oidx.size == 0:
             continue
-        d = float(np.min(((idx - centroid) ** 2).sum(axis=1)))
+        d = float(np.min(((oidx - centroid) ** 2).sum(axis=1)))
         if d < nearest[0]:
             nearest = (d, organ)
     return nearest[1]
+
+
+def anatomical_sub_site(
+    organ: Organ,
+    lesion_mask: BoolMask,
+    organ_masks: Mapping[Organ, npt.NDArray[Any]],
+    affine: npt.NDArray[np.float64],
+) -> SubSite | None:
+    """Approximate Couinaud segment (liver) or head/body/tail (pancreas) of a
+    lesion by majority vote over its voxels (see :mod:`models.anatomy`); ``None``
+    for other organs or when the organ mask is too small to define the frame."""
+    om = organ_masks.get(organ)
+    if om is None:
+        return None
+    try:
+        if organ == Organ.LIVER:
+            return couinaud_segment(lesion_mask, om, affine)
+        if organ == Organ.PANCREAS:
+            return pancreas_part(lesion_mask, om, affine)
+    except AnatomyError as exc:
+        log.info("no sub-site for a %s lesion: %s", organ, exc)
+    return None
 
 
 def default_lesion_kind(organ: Organ, mean_intensity: float | None, modality: str) -> LesionKind:
@@ -332,7 +368,7 @@ def measure_lesions(
     default_organ: Organ = Organ.LIVER,
     kinds: Mapping[int, LesionKind] | None = None,
     confidences: Mapping[int, float] | None = None,
-    sub_site_fn: SubSiteFn | None = None,
+    sub_site_fn: SubSiteFn | None = anatomical_sub_site,
 ) -> tuple[LesionFinding, ...]:
     """Measure every lesion instance.
 
@@ -359,11 +395,8 @@ def measure_lesions(
             kind = kinds[number]
         else:
             kind = default_lesion_kind(organ, _intensity(grid, m)[0], mod)
-        centroid_krc = tuple(float(v) for v in np.argwhere(m).mean(axis=0))
         sub_site = (
-            sub_site_fn(
-                organ, (centroid_krc[0], centroid_krc[1], centroid_krc[2]), organ_masks, grid
-            )
+            sub_site_fn(organ, m, organ_masks, np.asarray(grid.affine, dtype=np.float64))
             if sub_site_fn is not None
             else None
         )

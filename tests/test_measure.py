@@ -122,6 +122,8 @@ def test_measure_lesions_instances_key_slice_and_organ() -> None:
     assert big.key_slice == 10
     assert big.long_axis.length_mm == pytest.approx(17.0, abs=1.5)
     assert big.kind == LesionKind.CYST and small.kind == LesionKind.MASS
+    assert big.sub_site is not None and big.sub_site.value.startswith("couinaud_")
+    assert small.sub_site is not None and small.sub_site.value.startswith("pancreas_")
     assert big.mean_intensity == pytest.approx(5.0)
     assert big.volume_ml == pytest.approx(int(sphere.sum()) * 2.0 / 1000)
     # centroid in LPS: index (10, 40, 35) through the affine
@@ -141,6 +143,19 @@ def test_integer_instances_keep_numbers_and_min_size() -> None:
     found = measure_lesions(grid, inst, {}, min_voxels=2, modality="MR")
     assert [f.number for f in found] == [3]
     assert found[0].organ == Organ.LIVER  # default when no organ masks
+
+
+def test_lesion_outside_organs_goes_to_touching_organ() -> None:
+    shape = (6, 40, 40)
+    liver = np.zeros(shape, dtype=bool)
+    liver[:, :, :20] = True
+    spleen = np.zeros(shape, dtype=bool)
+    spleen[:, :, 35:] = True
+    lesion = np.zeros(shape, dtype=bool)
+    lesion[2:4, 10:14, 21:24] = True  # one voxel right of the liver, not inside it
+    grid = ArrayGrid(np.zeros(shape, np.float32), _affine((1.0, 1.0, 1.0)))
+    (found,) = measure_lesions(grid, lesion, {Organ.LIVER: liver, Organ.SPLEEN: spleen})
+    assert found.organ == Organ.LIVER
 
 
 def test_shape_mismatch_is_refused() -> None:
