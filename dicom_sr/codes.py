@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
 
+from models import labs
 from models.vocab import Disease, LesionKind, Organ, SubSite
 
 LOCAL_SCHEME = "99HPB"
@@ -138,40 +139,37 @@ DISEASES: dict[Disease, CodedConcept] = {
     Disease.PANCREATITIS: sct("75694006", "Pancreatitis"),
 }
 
-# --- laboratory inputs (LOINC, UCUM) -----------------------------------------
-LOINC_LABS: dict[str, tuple[str, str, str]] = {
-    # panel name: (LOINC code, LOINC display, default UCUM unit)
-    "AFP": ("1834-1", "Alpha-1-Fetoprotein [Mass/volume] in Serum or Plasma", "ng/mL"),
-    "CA19-9": ("24108-3", "Cancer Ag 19-9 [Units/volume] in Serum or Plasma", "U/mL"),
-    "CEA": ("2039-6", "Carcinoembryonic Ag [Mass/volume] in Serum or Plasma", "ng/mL"),
-    "BILIRUBIN": ("1975-2", "Bilirubin.total [Mass/volume] in Serum or Plasma", "mg/dL"),
-    "ALT": ("1742-6", "Alanine aminotransferase [Enzymatic activity/volume]", "U/L"),
-    "AST": ("1920-8", "Aspartate aminotransferase [Enzymatic activity/volume]", "U/L"),
-    "ALP": ("6768-6", "Alkaline phosphatase [Enzymatic activity/volume]", "U/L"),
-    "GGT": ("2324-2", "Gamma glutamyl transferase [Enzymatic activity/volume]", "U/L"),
-    "ALBUMIN": ("1751-7", "Albumin [Mass/volume] in Serum or Plasma", "g/dL"),
-    "INR": ("6301-6", "INR in Platelet poor plasma by Coagulation assay", "{INR}"),
-    "PLATELETS": ("777-3", "Platelets [#/volume] in Blood by Automated count", "10*3/uL"),
-    "LIPASE": ("3040-3", "Lipase [Enzymatic activity/volume] in Serum or Plasma", "U/L"),
-}
 
-
+# --- laboratory inputs (LOINC, UCUM; the panel lives in models.labs) ----------
 def loinc(code: str, meaning: str) -> CodedConcept:
     return CodedConcept(code, "LN", meaning[:64])
 
 
 def lab_concept(name: str, code: str = "") -> CodedConcept:
-    """The LOINC concept of a lab panel by name or code; local code when unknown."""
-    key = name.upper().replace(" ", "")
-    if key in LOINC_LABS:
-        c, meaning, _ = LOINC_LABS[key]
-        return loinc(c, meaning)
-    for c, meaning, _ in LOINC_LABS.values():
-        if c == code:
-            return loinc(c, meaning)
+    """The LOINC concept of a clinical input by code or panel name; local code otherwise."""
+    test = labs.by_code(code) if code else None
+    if test is None:
+        try:
+            test = labs.by_name(name)
+        except KeyError:
+            test = None
+    if test is not None:
+        return loinc(code or test.loinc, test.display)
     if code:
         return loinc(code, name or code)
-    return local(f"LAB-{key}"[:16], name or key)
+    key = "".join(ch for ch in name.upper() if ch.isalnum()) or "UNNAMED"
+    return local(f"IN-{key}"[:16], name or key)
+
+
+def lab_unit(name: str, code: str = "") -> str:
+    """The canonical UCUM unit of a panel test ("" when unknown)."""
+    test = labs.by_code(code) if code else None
+    if test is None:
+        try:
+            test = labs.by_name(name)
+        except KeyError:
+            return ""
+    return test.unit
 
 
 def unit_concept(unit: str) -> CodedConcept:
@@ -193,8 +191,7 @@ CENTER_OF_MASS = dcm("128138", "Center of Mass")
 PROBABILITY = dcm("122157", "Probability")
 FINDING = dcm("121071", "Finding")
 IMPRESSION = dcm("121073", "Impression")
-FINDINGS_TEXT = dcm("121071", "Finding")
-QUALITATIVE_EVALUATIONS = dcm("126010", "Imaging Measurements")
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 CLINICAL_INPUTS = local("CLIN-INPUT", "Clinical inputs used by the algorithm")
 MISSING_INPUT = local("CLIN-MISSING", "Clinical input not available")
 PRESENT = sct("52101004", "Present")
@@ -221,3 +218,5 @@ OF_INTEREST = dcm("113000", "Of Interest")
 # SR document title and report section headings.
 IMAGING_MEASUREMENT_REPORT = dcm("126000", "Imaging Measurement Report")
 ARTIFICIAL_INTELLIGENCE = dcm("123110", "Artificial Intelligence")
+DEVICE = dcm("121007", "Device")
+DIAGNOSIS = sct("439401001", "Diagnosis")
