@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from skimage import measure
 
