@@ -1,0 +1,451 @@
+"""The node's model bundle: MONAI bundle layout, checked against a property contract.
+
+Layout (a MONAI bundle directory)::
+
+    <bundle>/
+      configs/metadata.json   name, version, label map (network_data_format), hpb_node section
+      configs/inference.json  network_def (``_target_`` + plain arguments)
+      models/model.pt         state dict (loaded with ``torch.load(weights_only=True)``)
+      docs/README.md          model card
+
+A bundle is checked when it is loaded (:func:`load_bundle`): every entry of
+:data:`METADATA_CONTRACT` must be present with the declared type, the label map
+must be the contiguous channels ``0..n-1`` with ``0`` = background and must cover
+:data:`REQUIRED_ORGANS` and the lesion channel, inputs must declare channels,
+spacing and an intensity normalisation for every modality, and the weights file
+must exist with the declared SHA-256. A bad bundle cannot be loaded; the
+:class:`BundleError` names the file and field.
+
+Configuration expressions: MONAI's ``ConfigParser`` evaluates ``$`` expressions,
+``@`` references and ``_target_`` instantiation, which is arbitrary code. Only a
+bundle loaded with ``trusted=True`` goes through it. An untrusted bundle (the
+default) is read as plain JSON; its ``network_def`` must name one of
+:data:`models.network.ALLOWED_NETWORKS` with plain-value arguments, and any
+expression anywhere in its configs is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.network import (
+    LESION_LABEL,
+    NetworkError,
+    build_network,
+    check_network_def,
+)
+from models.vocab import Organ
+
+log = logging.getLogger(__name__)
+
+DEMO_BUNDLE = Path(__file__).resolve().parent / "bundles" / "hpb_demo"
+
+#: Organs every bundle for this node must segment (bile duct is optional).
+REQUIRED_ORGANS: tuple[Organ, ...] = (
+    Organ.LIVER,
+    Organ.GALLBLADDER,
+    Organ.PANCREAS,
+    Organ.SPLEEN,
+    Organ.PORTAL_SPLENIC_VEIN,
+    Organ.KIDNEY_LEFT,
+    Organ.KIDNEY_RIGHT,
+)
+SUPPORTED_MODALITIES = ("CT", "MR")
+
+#: dotted path in configs/metadata.json -> required JSON type
+METADATA_CONTRACT: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "version": str,
+    "monai_version": str,
+    "pytorch_version": str,
+    "task": str,
+    "description": str,
+    "intended_use": str,
+    "network_data_format": dict,
+    "network_data_format.inputs.image.num_channels": int,
+    "network_data_format.inputs.image.modality": list,
+    "network_data_format.outputs.pred.channel_def": dict,
+    "hpb_node": dict,
+    "hpb_node.spacing_mm": list,
+    "hpb_node.roi_size": list,
+    "hpb_node.intensity": dict,
+    "hpb_node.weights": str,
+    "hpb_node.weights_sha256": str,
+    "hpb_node.min_lesion_ml": (int, float),
+}
+
+
+class BundleError(ValueError):
+    """A bundle breaks the property contract; the message names the file and field."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _get(data: Mapping[str, Any], dotted: str) -> Any:
+    cur: Any = data
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            raise KeyError(dotted)
+        cur = cur[part]
+    return cur
+
+
+def _read_json(path: Path, root: Path) -> dict[str, Any]:
+    rel = path.relative_to(root)
+    if not path.is_file():
+        raise BundleError(f"bundle {root}: {rel} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {rel} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"bundle {root}: {rel} must hold a JSON object")
+    return data
+
+
+def _refuse_expressions(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        if value.startswith(("$", "@", "%")):
+            raise BundleError(
+                f"{where}: expression or reference {value[:40]!r} is not allowed "
+                "(the bundle is not trusted; load it with trusted=True only if you wrote it)"
+            )
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_expressions(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_expressions(item, f"{where}.{key}")
+
+
+@dataclass(frozen=True)
+class IntensityNorm:
+    """How one modality's voxels are scaled to the network's input range [0, 1]."""
+
+    kind: str  # "window" (fixed a_min..a_max, CT HU) or "percentile" (MR)
+    lower: float
+    upper: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("window", "percentile"):
+            raise BundleError(f"intensity kind must be 'window' or 'percentile', got {self.kind!r}")
+        if not self.lower < self.upper:
+            raise BundleError(f"intensity {self.kind}: lower must be < upper")
+        if self.kind == "percentile" and not (self.lower >= 0.0 and self.upper <= 100.0):
+            raise BundleError("intensity percentile bounds must lie within 0..100")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, checked bundle. Build the network with :meth:`network`."""
+
+    root: Path
+    name: str
+    version: str
+    labels: dict[int, str]
+    spacing_mm: tuple[float, float, float]  # (slice, row, column) after reorientation
+    roi_size: tuple[int, int, int]
+    intensity: dict[str, IntensityNorm]
+    weights_path: Path
+    weights_sha256: str
+    min_lesion_ml: float
+    network_def: dict[str, Any]
+    metadata: dict[str, Any]
+    trusted: bool = False
+    overlap: float = 0.25
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.intensity)
+
+    @property
+    def organ_channels(self) -> dict[Organ, int]:
+        values = {o.value: o for o in Organ}
+        return {values[name]: ch for ch, name in self.labels.items() if name in values}
+
+    @property
+    def lesion_channel(self) -> int:
+        return next(ch for ch, name in self.labels.items() if name == LESION_LABEL)
+
+    def network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """Instantiate the network, load the weights, put it in eval mode on ``device``."""
+        if self.trusted:
+            from monai.bundle import ConfigParser  # evaluation only for trusted bundles
+
+            parser = ConfigParser(
+                {**self.extra.get("inference_config", {}), "bundle_root": str(self.root)}
+            )
+            net = parser.get_parsed_content("network_def")
+            if not isinstance(net, torch.nn.Module):
+                raise BundleError(f"bundle {self.root}: network_def did not build a torch module")
+        else:
+            try:
+                net = build_network(self.network_def, "configs/inference.json: network_def")
+            except NetworkError as exc:
+                raise BundleError(f"bundle {self.root}: {exc}") from exc
+        try:
+            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise BundleError(
+                f"bundle {self.root}: cannot read {self.weights_path}: {exc}"
+            ) from exc
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise BundleError(
+                f"bundle {self.root}: models/model.pt does not match network_def: {exc}"
+            ) from exc
+        return net.to(device).eval()
+
+
+def load_bundle(path: Path | str | None = None, *, trusted: bool = False) -> Bundle:
+    """Load and check a bundle directory (the shipped demo bundle when ``path`` is None)."""
+    root = Path(path) if path is not None else DEMO_BUNDLE
+    root = root.resolve()
+    if not root.is_dir():
+        raise BundleError(f"bundle {root}: not a directory")
+    meta = _read_json(root / "configs" / "metadata.json", root)
+    infer = _read_json(root / "configs" / "inference.json", root)
+    mwhere = "configs/metadata.json"
+    for dotted, typ in METADATA_CONTRACT.items():
+        try:
+            value = _get(meta, dotted)
+        except KeyError:
+            raise BundleError(f"bundle {root}: {mwhere}: {dotted} is required") from None
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise BundleError(f"bundle {root}: {mwhere}: {dotted} has the wrong type")
+    if not trusted:
+        try:
+            _refuse_expressions(meta, mwhere)
+            _refuse_expressions(infer, "configs/inference.json")
+        except BundleError as exc:
+            raise BundleError(f"bundle {root}: {exc}") from None
+    hpb = meta["hpb_node"]
+
+    # label map
+    cdef = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    cwhere = f"{mwhere}: network_data_format.outputs.pred.channel_def"
+    try:
+        labels = {int(k): str(v) for k, v in cdef.items()}
+    except ValueError:
+        raise BundleError(f"bundle {root}: {cwhere}: keys must be channel numbers") from None
+    if sorted(labels) != list(range(len(labels))):
+        raise BundleError(f"bundle {root}: {cwhere}: channels must be 0..{len(labels) - 1}")
+    if labels.get(0) != "background":
+        raise BundleError(f"bundle {root}: {cwhere}: channel 0 must be 'background'")
+    names = set(labels.values())
+    missing = [o.value for o in REQUIRED_ORGANS if o.value not in names]
+    if missing:
+        raise BundleError(f"bundle {root}: {cwhere}: missing organ(s) {', '.join(missing)}")
+    if LESION_LABEL not in names:
+        raise BundleError(f"bundle {root}: {cwhere}: missing the '{LESION_LABEL}' channel")
+    known = {o.value for o in Organ} | {"background", LESION_LABEL}
+    unknown = sorted(names - known)
+    if unknown:
+        raise BundleError(f"bundle {root}: {cwhere}: unknown label(s) {', '.join(unknown)}")
+    if len(names) != len(labels):
+        raise BundleError(f"bundle {root}: {cwhere}: a label name appears twice")
+
+    # inputs: channels, modalities, spacing, intensity normalisation
+    image = meta["network_data_format"]["inputs"]["image"]
+    if image["num_channels"] != 1:
+        raise BundleError(
+            f"bundle {root}: {mwhere}: network_data_format.inputs.image.num_channels must be 1"
+        )
+    spacing = hpb["spacing_mm"]
+    if len(spacing) != 3 or not all(isinstance(s, int | float) and s > 0 for s in spacing):
+        raise BundleError(
+            f"bundle {root}: {mwhere}: hpb_node.spacing_mm must be 3 positive numbers"
+        )
+    roi = hpb["roi_size"]
+    if len(roi) != 3 or not all(isinstance(s, int) and s >= 8 for s in roi):
+        raise BundleError(f"bundle {root}: {mwhere}: hpb_node.roi_size must be 3 integers >= 8")
+    modalities = [str(m).upper() for m in image["modality"]]
+    bad = [m for m in modalities if m not in SUPPORTED_MODALITIES]
+    if not modalities or bad:
+        raise BundleError(
+            f"bundle {root}: {mwhere}: network_data_format.inputs.image.modality must list "
+            f"CT and/or MR (got {image['modality']})"
+        )
+    intensity: dict[str, IntensityNorm] = {}
+    for mod in modalities:
+        spec = hpb["intensity"].get(mod)
+        iwhere = f"{mwhere}: hpb_node.intensity.{mod}"
+        if not isinstance(spec, dict):
+            raise BundleError(f"bundle {root}: {iwhere} is required (normalisation for {mod})")
+        try:
+            intensity[mod] = IntensityNorm(
+                kind=str(spec["kind"]), lower=float(spec["lower"]), upper=float(spec["upper"])
+            )
+        except KeyError as exc:
+            raise BundleError(f"bundle {root}: {iwhere}.{exc.args[0]} is required") from None
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"bundle {root}: {iwhere}: {exc}") from None
+
+    # network definition
+    if "network_def" not in infer:
+        raise BundleError(f"bundle {root}: configs/inference.json: network_def is required")
+    network_def = infer["network_def"]
+    if not trusted:
+        try:
+            check_network_def(network_def, "configs/inference.json: network_def")
+        except NetworkError as exc:
+            raise BundleError(f"bundle {root}: {exc}") from None
+    if isinstance(network_def, dict):
+        for key, want in (("in_channels", 1), ("out_channels", len(labels))):
+            got = network_def.get(key)
+            if isinstance(got, int) and got != want:
+                raise BundleError(
+                    f"bundle {root}: configs/inference.json: network_def.{key} is {got}, "
+                    f"the metadata declares {want}"
+                )
+
+    # weights
+    weights = (root / hpb["weights"]).resolve()
+    if root not in weights.parents:
+        raise BundleError(f"bundle {root}: {mwhere}: hpb_node.weights must lie inside the bundle")
+    if not weights.is_file():
+        raise BundleError(f"bundle {root}: {mwhere}: hpb_node.weights: {hpb['weights']} is missing")
+    digest = sha256_file(weights)
+    if digest != hpb["weights_sha256"].lower():
+        raise BundleError(
+            f"bundle {root}: {mwhere}: hpb_node.weights_sha256 does not match "
+            f"{hpb['weights']} (file has {digest})"
+        )
+    if not (root / "docs" / "README.md").is_file():
+        raise BundleError(f"bundle {root}: docs/README.md (model card) is missing")
+
+    return Bundle(
+        root=root,
+        name=meta["name"],
+        version=meta["version"],
+        labels=labels,
+        spacing_mm=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        roi_size=(int(roi[0]), int(roi[1]), int(roi[2])),
+        intensity=intensity,
+        weights_path=weights,
+        weights_sha256=digest,
+        min_lesion_ml=float(hpb["min_lesion_ml"]),
+        network_def=dict(network_def) if isinstance(network_def, dict) else {},
+        metadata=meta,
+        trusted=trusted,
+        overlap=float(hpb.get("overlap", 0.25)),
+        extra={"inference_config": infer},
+    )
+
+
+def write_bundle(
+    out_dir: Path | str,
+    *,
+    name: str,
+    version: str,
+    network_def: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    labels: Mapping[int, str],
+    spacing_mm: tuple[float, float, float],
+    roi_size: tuple[int, int, int],
+    intensity: Mapping[str, IntensityNorm],
+    min_lesion_ml: float,
+    description: str,
+    readme: str,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a bundle directory (replacing one that exists) and check it by loading it."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "configs").mkdir(parents=True)
+    (tmp / "models").mkdir()
+    (tmp / "docs").mkdir()
+    weights = tmp / "models" / "model.pt"
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
+    import monai
+    import numpy
+
+    meta: dict[str, Any] = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
+        "0.8.1/meta_schema_20220324.json",
+        "name": name,
+        "version": version,
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "task": "Segmentation of liver, gallbladder, pancreas, spleen, portal/splenic vein, "
+        "kidneys and focal lesions on abdominal CT and MR",
+        "description": description,
+        "intended_use": "Research and demonstration only. NOT FOR CLINICAL USE. "
+        "No model for ultrasound.",
+        "authors": "hpb-node",
+        "license": "Apache-2.0",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": sorted(intensity),
+                    "num_channels": 1,
+                    "spatial_shape": list(roi_size),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": len(labels),
+                    "spatial_shape": list(roi_size),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {str(k): v for k, v in sorted(labels.items())},
+                }
+            },
+        },
+        "hpb_node": {
+            "orientation": "index axes permuted/flipped to (superior, posterior, left)",
+            "spacing_mm": list(spacing_mm),
+            "roi_size": list(roi_size),
+            "overlap": 0.25,
+            "intensity": {
+                m: {"kind": n.kind, "lower": n.lower, "upper": n.upper}
+                for m, n in intensity.items()
+            },
+            "min_lesion_ml": min_lesion_ml,
+            "weights": "models/model.pt",
+            "weights_sha256": sha256_file(weights),
+            **(dict(extra_metadata) if extra_metadata else {}),
+        },
+    }
+    (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "configs" / "inference.json").write_text(
+        json.dumps({"network_def": dict(network_def)}, indent=2) + "\n"
+    )
+    (tmp / "docs" / "README.md").write_text(readme)
+    load_bundle(tmp)  # refuse to publish a bundle that breaks the contract
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("wrote bundle %s (%s %s)", out, name, version)
+    return out

@@ -1,0 +1,430 @@
+"""Inference: a ``Volume`` and a bundle in, organ and lesion masks and ``Findings`` out.
+
+Steps of :func:`segment`:
+
+1. refuse modalities the bundle has no model for (:class:`NoModelForModality`,
+   e.g. "no model for US");
+2. reorient by the affine: the index axes are permuted and flipped (no
+   interpolation, exactly invertible) so that they run towards superior,
+   posterior and patient-left;
+3. resample (trilinear) to the bundle's spacing;
+4. intensity normalisation: a fixed window for CT (HU), percentiles for MR;
+5. sliding-window inference (``monai.inferers.sliding_window_inference``,
+   Gaussian blending) on CPU or GPU; softmax, argmax;
+6. post-processing on the network grid: the largest connected component of
+   each organ; lesions split into 3-D connected components, those smaller than
+   the bundle's ``min_lesion_ml`` dropped, those touching no organ dropped;
+   each lesion assigned to the organ it touches most, and its voxels added to
+   that organ's mask (an organ's volume includes its lesions);
+7. labels back to the source grid (nearest neighbour), masks on the source grid.
+
+:func:`analyse` adds the measurements (:mod:`models.measure`) and provenance and
+returns ``Findings`` with no diagnoses and no report; :func:`with_interpretation`
+is the seam where the multimodal classifier and report generator add theirs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from models.bundle import Bundle
+from models.findings import (
+    ClinicalValue,
+    Diagnosis,
+    Findings,
+    OrganFinding,
+    Provenance,
+    ReportSentence,
+)
+from models.measure import measure_lesions, measure_organ
+from models.vocab import ContrastPhase, Organ
+from models.volume import Volume
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = "hpb-node-inference/1"
+_STRUCT26 = np.ones((3, 3, 3), dtype=bool)
+
+
+class InferenceError(ValueError):
+    """Inference could not run on this volume; the message is for an admin."""
+
+
+class NoModelForModality(InferenceError):
+    """The bundle has no model for the series' modality (e.g. ultrasound)."""
+
+    def __init__(self, modality: str, available: Sequence[str]) -> None:
+        self.modality = modality
+        super().__init__(
+            f"no model for {modality or 'an unknown modality'}: "
+            f"the model covers {', '.join(available)} only"
+        )
+
+
+# ---------------------------------------------------------------------------
+# orientation and resampling
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """Axis permutation and flips taking ``array[k, r, c]`` to the canonical
+    (superior, posterior, left) index order."""
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+
+    @classmethod
+    def from_affine(cls, affine: npt.NDArray[np.float64]) -> Reorientation:
+        cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+        unit = cols / np.linalg.norm(cols, axis=0)
+        targets = (2, 1, 0)  # canonical axis 0 -> z (S), 1 -> y (P), 2 -> x (L)
+        best: tuple[float, tuple[int, int, int]] = (-1.0, (0, 1, 2))
+        for perm in itertools.permutations(range(3)):
+            score = sum(abs(unit[targets[j], perm[j]]) for j in range(3))
+            if score > best[0]:
+                best = (score, (perm[0], perm[1], perm[2]))
+        perm = best[1]
+        flip = tuple(bool(unit[targets[j], perm[j]] < 0) for j in range(3))
+        return cls(perm=perm, flip=(flip[0], flip[1], flip[2]))
+
+    def apply(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        out = np.transpose(array, self.perm)
+        for axis, f in enumerate(self.flip):
+            if f:
+                out = np.flip(out, axis=axis)
+        return out
+
+    def invert(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        out = array
+        for axis, f in enumerate(self.flip):
+            if f:
+                out = np.flip(out, axis=axis)
+        return np.transpose(out, np.argsort(self.perm))
+
+    def spacing(self, affine: npt.NDArray[np.float64]) -> tuple[float, float, float]:
+        norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+        return (float(norms[self.perm[0]]), float(norms[self.perm[1]]), float(norms[self.perm[2]]))
+
+
+def target_shape(
+    shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]
+) -> tuple[int, int, int]:
+    out = [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target_spacing, strict=True)]
+    return (out[0], out[1], out[2])
+
+
+def nearest_indices(n_src: int, n_dst: int) -> npt.NDArray[np.intp]:
+    """For each destination voxel, the nearest source voxel (centres aligned, as
+    ``interpolate(align_corners=False)`` places them)."""
+    pos = (np.arange(n_dst) + 0.5) * (n_src / n_dst) - 0.5
+    return np.clip(np.rint(pos), 0, n_src - 1).astype(np.intp)
+
+
+def resample_labels(labels: npt.NDArray[Any], shape: Sequence[int]) -> npt.NDArray[Any]:
+    """Nearest-neighbour resampling of a label map to ``shape`` (same field of view)."""
+    idx = [nearest_indices(n, m) for n, m in zip(labels.shape, shape, strict=True)]
+    return labels[np.ix_(idx[0], idx[1], idx[2])]
+
+
+def normalise_intensity(
+    array: npt.NDArray[Any], modality: str, bundle: Bundle
+) -> npt.NDArray[np.float32]:
+    """Scale voxels to [0, 1] with the bundle's rule for ``modality``."""
+    norm = bundle.intensity[modality]
+    a = np.asarray(array, dtype=np.float32)
+    if norm.kind == "window":
+        lo, hi = norm.lower, norm.upper
+    else:
+        sample = a[:: max(1, a.shape[0] // 64), ::2, ::2]
+        lo, hi = (float(v) for v in np.percentile(sample, [norm.lower, norm.upper]))
+        if hi <= lo:
+            hi = lo + 1.0
+    out = (a - np.float32(lo)) / np.float32(hi - lo)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def check_modality(modality: str, bundle: Bundle) -> str:
+    mod = (modality or "").upper()
+    if mod not in bundle.modalities:
+        raise NoModelForModality(mod, bundle.modalities)
+    return mod
+
+
+def prepare_input(
+    array: npt.NDArray[Any], affine: npt.NDArray[np.float64], modality: str, bundle: Bundle
+) -> tuple[torch.Tensor, Reorientation, tuple[int, int, int]]:
+    """Reoriented, resampled, normalised network input ``(1, 1, D, H, W)``; the
+    reorientation and the canonical source shape to map results back."""
+    mod = check_modality(modality, bundle)
+    reo = Reorientation.from_affine(affine)
+    canon = reo.apply(array)
+    shape = (int(canon.shape[0]), int(canon.shape[1]), int(canon.shape[2]))
+    norm = normalise_intensity(canon, mod, bundle)
+    net_shape = target_shape(shape, reo.spacing(affine), bundle.spacing_mm)
+    x = torch.from_numpy(np.ascontiguousarray(norm))[None, None]
+    del norm
+    if net_shape != shape:
+        x = torch.nn.functional.interpolate(
+            x, size=net_shape, mode="trilinear", align_corners=False
+        )
+    return x, reo, shape
+
+
+# ---------------------------------------------------------------------------
+# segmentation
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Masks on the source grid, ready for ``Findings``."""
+
+    organ_masks: dict[Organ, npt.NDArray[np.bool_]]
+    lesion_instances: npt.NDArray[np.int32]  # 0 = none, 1..n lesion numbers
+    lesion_organs: dict[int, Organ]
+    lesion_confidence: dict[int, float]
+    organ_confidence: dict[Organ, float]
+
+
+def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    labels, n = ndimage.label(mask, structure=_STRUCT26)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    out: npt.NDArray[np.bool_] = labels == int(np.argmax(sizes))
+    return out
+
+
+def postprocess(
+    labels: npt.NDArray[Any],
+    lesion_prob: npt.NDArray[np.float32],
+    bundle: Bundle,
+    voxel_ml: float,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int32], dict[int, Organ], dict[int, float]]:
+    """Clean a network-grid label map (see the module docstring, step 6).
+
+    Returns the organ label map (channel numbers, lesions folded into their
+    organ), lesion instances (numbered by decreasing size), their organs and
+    their mean lesion probability."""
+    organ_ch = bundle.organ_channels
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    for ch in organ_ch.values():
+        m = labels == ch
+        if m.any():
+            out[_largest_component(m)] = ch
+    lesion = labels == bundle.lesion_channel
+    comp, n = ndimage.label(lesion, structure=_STRUCT26)
+    instances = np.zeros(labels.shape, dtype=np.int32)
+    organs: dict[int, Organ] = {}
+    conf: dict[int, float] = {}
+    if n:
+        min_voxels = max(1, int(np.ceil(bundle.min_lesion_ml / voxel_ml)))
+        sizes = np.bincount(comp.ravel(), minlength=n + 1)
+        boxes = ndimage.find_objects(comp)
+        by_channel = {ch: o for o, ch in organ_ch.items()}
+        number = 0
+        for idx in np.argsort(-sizes[1:], kind="stable"):
+            lab = int(idx) + 1
+            if sizes[lab] < min_voxels or boxes[idx] is None:
+                continue
+            box = tuple(
+                slice(max(s.start - 2, 0), s.stop + 2)
+                for s in boxes[idx]  # type: ignore[union-attr]
+            )
+            m = comp[box] == lab
+            shell = ndimage.binary_dilation(m, structure=_STRUCT26, iterations=2) & ~m
+            touching = out[box][shell]
+            touching = touching[touching > 0]
+            if touching.size == 0:
+                continue  # a "lesion" outside every organ: discard as a false positive
+            ch = int(np.bincount(touching).argmax())
+            number += 1
+            instances[box][m] = number
+            out[box][m] = ch
+            organs[number] = by_channel[ch]
+            conf[number] = float(lesion_prob[box][m].mean())
+    return out, instances, organs, conf
+
+
+def _predict(x: torch.Tensor, net: torch.nn.Module, bundle: Bundle, device: str) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            x.to(device),
+            roi_size=bundle.roi_size,
+            sw_batch_size=2,
+            predictor=net,
+            overlap=bundle.overlap,
+            mode="gaussian",
+            sw_device=device,
+            device="cpu",
+        )
+    assert isinstance(logits, torch.Tensor)
+    return torch.softmax(logits[0].float(), dim=0)
+
+
+def segment_array(
+    array: npt.NDArray[Any],
+    affine: npt.NDArray[np.float64],
+    modality: str,
+    bundle: Bundle,
+    *,
+    device: str = "cpu",
+    network: torch.nn.Module | None = None,
+) -> Segmentation:
+    """Segment organs and lesions on a bare ``array[k, r, c]`` with its LPS affine."""
+    x, reo, canon_shape = prepare_input(array, affine, modality, bundle)
+    net = network if network is not None else bundle.network(device)
+    try:
+        probs = _predict(x, net, bundle, device)
+    except RuntimeError as exc:  # torch out-of-memory, device errors
+        raise InferenceError(f"the network failed on device {device}: {exc}") from exc
+    del x
+    conf_max, labels_t = probs.max(dim=0)
+    labels = labels_t.numpy().astype(np.uint8)
+    lesion_prob = probs[bundle.lesion_channel].numpy().astype(np.float32)
+    organ_conf_all = conf_max.numpy()
+    del probs
+    voxel_ml = float(np.prod(bundle.spacing_mm)) / 1000.0
+    organ_map, inst, lesion_organs, lesion_conf = postprocess(labels, lesion_prob, bundle, voxel_ml)
+    organ_conf: dict[Organ, float] = {}
+    for organ, ch in bundle.organ_channels.items():
+        sel = organ_map == ch
+        organ_conf[organ] = float(organ_conf_all[sel].mean()) if sel.any() else 0.0
+    # back to the canonical source grid (nearest), then to the source index order
+    organ_src = reo.invert(resample_labels(organ_map, canon_shape))
+    inst_src = np.ascontiguousarray(reo.invert(resample_labels(inst, canon_shape)))
+    masks = {
+        organ: np.ascontiguousarray(organ_src == ch) for organ, ch in bundle.organ_channels.items()
+    }
+    present = set(np.unique(inst_src).tolist()) - {0}
+    lesion_organs = {n: o for n, o in lesion_organs.items() if n in present}
+    lesion_conf = {n: c for n, c in lesion_conf.items() if n in present}
+    return Segmentation(
+        organ_masks=masks,
+        lesion_instances=inst_src.astype(np.int32),
+        lesion_organs=lesion_organs,
+        lesion_confidence=lesion_conf,
+        organ_confidence=organ_conf,
+    )
+
+
+def segment(
+    volume: Volume,
+    bundle: Bundle,
+    device: str = "cpu",
+    *,
+    network: torch.nn.Module | None = None,
+) -> Segmentation:
+    """Segment organs and lesions of a ``Volume`` (masks on the volume's grid)."""
+    if volume.modality.upper() == "US":
+        raise NoModelForModality("US", bundle.modalities)
+    return segment_array(
+        volume.array, volume.affine, volume.modality, bundle, device=device, network=network
+    )
+
+
+# ---------------------------------------------------------------------------
+# findings
+
+
+def provenance(
+    volume: Volume,
+    bundle: Bundle,
+    clinical: Sequence[ClinicalValue] | None = None,
+    *,
+    phase: ContrastPhase = ContrastPhase.UNKNOWN,
+    notes: Sequence[str] = (),
+) -> Provenance:
+    return Provenance(
+        model_name=bundle.name,
+        model_version=bundle.version,
+        weights_sha256=bundle.weights_sha256,
+        pipeline_version=PIPELINE_VERSION,
+        input_series_uid=volume.series_instance_uid,
+        input_sop_uids=tuple(volume.sop_instance_uids),
+        clinical_used=tuple(clinical or ()),
+        contrast_phase=phase,
+        notes=tuple(notes),
+        created_at=datetime.now(UTC),
+    )
+
+
+def findings_from_segmentation(
+    volume: Volume,
+    seg: Segmentation,
+    bundle: Bundle,
+    clinical: Sequence[ClinicalValue] | None = None,
+) -> Findings:
+    """Measure a segmentation: organ findings (volume includes lesions, intensity
+    of the parenchyma without them) and lesion findings."""
+    lesion_any = seg.lesion_instances > 0
+    organs: list[OrganFinding] = []
+    for organ, mask in seg.organ_masks.items():
+        if not mask.any():
+            continue
+        f = measure_organ(volume, mask, organ, confidence=seg.organ_confidence.get(organ, 1.0))
+        parenchyma = mask & ~lesion_any
+        if lesion_any.any() and parenchyma.any():
+            vals = np.asarray(volume.array[parenchyma], dtype=np.float64)
+            f = replace(f, mean_intensity=float(vals.mean()), std_intensity=float(vals.std()))
+        organs.append(f)
+    lesions = measure_lesions(
+        volume,
+        seg.lesion_instances,
+        {o: m for o, m in seg.organ_masks.items() if m.any()},
+        modality=volume.modality,
+        confidences=seg.lesion_confidence,
+    )
+    notes = (
+        "model output; not for clinical use",
+        f"lesions below {bundle.min_lesion_ml} ml are not reported",
+    )
+    return Findings(
+        organs=tuple(organs),
+        lesions=lesions,
+        diagnoses=(),
+        report=(),
+        provenance=provenance(volume, bundle, clinical, notes=notes),
+    )
+
+
+def analyse(
+    volume: Volume,
+    bundle: Bundle,
+    clinical: Sequence[ClinicalValue] | None = None,
+    *,
+    device: str = "cpu",
+    network: torch.nn.Module | None = None,
+) -> Findings:
+    """Segment and measure: ``Findings`` with organs, lesions and provenance;
+    diagnoses and report are left empty for :func:`with_interpretation`."""
+    seg = segment(volume, bundle, device, network=network)
+    return findings_from_segmentation(volume, seg, bundle, clinical)
+
+
+def with_interpretation(
+    findings: Findings,
+    diagnoses: Sequence[Diagnosis] = (),
+    report: Sequence[ReportSentence] = (),
+    **extra: Any,
+) -> Findings:
+    """The seam for the multimodal classifier and report generator: a copy of
+    ``findings`` with their diagnoses and report sentences (validated again)."""
+    return replace(
+        findings,
+        diagnoses=tuple(diagnoses),
+        report=tuple(report),
+        extra={**findings.extra, **extra},
+    )

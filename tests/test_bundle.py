@@ -1,0 +1,164 @@
+"""The bundle property contract: a bad bundle cannot be loaded, the error names the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.bundle import (
+    Bundle,
+    BundleError,
+    IntensityNorm,
+    load_bundle,
+    sha256_file,
+    write_bundle,
+)
+from models.network import DEFAULT_LABELS, build_network, tiny_network_def
+from models.vocab import Organ
+
+TINY_INTENSITY = {
+    "CT": IntensityNorm("window", -200.0, 300.0),
+    "MR": IntensityNorm("percentile", 1.0, 99.0),
+}
+
+
+def make_tiny_bundle(out: Path, *, seed: int = 0) -> Path:
+    """A contract-valid bundle with a tiny randomly initialised U-Net."""
+    torch.manual_seed(seed)
+    net_def = tiny_network_def()
+    net = build_network(net_def)
+    return write_bundle(
+        out,
+        name="hpb_tiny_test",
+        version="0.0.1",
+        network_def=net_def,
+        state_dict=net.state_dict(),
+        labels=DEFAULT_LABELS,
+        spacing_mm=(3.0, 3.0, 3.0),
+        roi_size=(16, 32, 32),
+        intensity=TINY_INTENSITY,
+        min_lesion_ml=0.1,
+        description="tiny test bundle, random weights",
+        readme="# tiny test bundle\nRandom weights. Not for clinical use.\n",
+    )
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    return make_tiny_bundle(tmp_path / "tiny")
+
+
+def _edit(bundle: Path, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
+    path = bundle / "configs" / name
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_valid_bundle_loads_and_runs(tiny: Path) -> None:
+    b = load_bundle(tiny)
+    assert isinstance(b, Bundle)
+    assert b.modalities == ("CT", "MR")
+    assert b.organ_channels[Organ.PANCREAS] == 3
+    assert b.lesion_channel == 8
+    assert b.weights_sha256 == sha256_file(tiny / "models" / "model.pt")
+    net = b.network()
+    out = net(torch.zeros(1, 1, 16, 32, 32))
+    assert out.shape == (1, len(DEFAULT_LABELS), 16, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("field", "mutate"),
+    [
+        ("intended_use", lambda d: d.pop("intended_use")),
+        ("hpb_node.weights_sha256", lambda d: d["hpb_node"].pop("weights_sha256")),
+        ("hpb_node.spacing_mm", lambda d: d["hpb_node"].update(spacing_mm=[3.0, -1.0, 3.0])),
+        ("hpb_node.intensity.MR", lambda d: d["hpb_node"]["intensity"].pop("MR")),
+        (
+            "num_channels",
+            lambda d: d["network_data_format"]["inputs"]["image"].update(num_channels=3),
+        ),
+        (
+            "modality",
+            lambda d: d["network_data_format"]["inputs"]["image"].update(modality=["US"]),
+        ),
+    ],
+)
+def test_bad_metadata_names_the_field(
+    tiny: Path, field: str, mutate: Callable[[dict[str, Any]], None]
+) -> None:
+    _edit(tiny, "metadata.json", mutate)
+    with pytest.raises(BundleError, match=field.replace(".", r"\.")):
+        load_bundle(tiny)
+
+
+def test_label_map_must_cover_organs(tiny: Path) -> None:
+    def drop_pancreas(d: dict[str, Any]) -> None:
+        d["network_data_format"]["outputs"]["pred"]["channel_def"]["3"] = "stomach"
+
+    _edit(tiny, "metadata.json", drop_pancreas)
+    with pytest.raises(BundleError, match=r"channel_def: missing organ\(s\) pancreas"):
+        load_bundle(tiny)
+
+
+def test_weights_hash_and_presence(tiny: Path) -> None:
+    weights = tiny / "models" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    state[next(iter(state))] += 1.0
+    torch.save(state, weights)
+    with pytest.raises(BundleError, match="weights_sha256 does not match"):
+        load_bundle(tiny)
+    weights.unlink()
+    with pytest.raises(BundleError, match=r"hpb_node\.weights: models/model\.pt is missing"):
+        load_bundle(tiny)
+
+
+def test_invalid_json_and_missing_card(tiny: Path) -> None:
+    (tiny / "docs" / "README.md").unlink()
+    with pytest.raises(BundleError, match="README"):
+        load_bundle(tiny)
+    (tiny / "configs" / "inference.json").write_text("{not json")
+    with pytest.raises(BundleError, match=r"configs/inference\.json is not valid JSON"):
+        load_bundle(tiny)
+
+
+def test_untrusted_expression_is_refused(tiny: Path, tmp_path: Path) -> None:
+    sentinel = tmp_path / "pwned"
+    payload = f"$__import__('os').system('touch {sentinel}')"
+    loaded = load_bundle(tiny)
+    _edit(tiny, "inference.json", lambda d: d["network_def"].update(out_channels=payload))
+    with pytest.raises(BundleError, match=r"network_def\.out_channels: expression"):
+        load_bundle(tiny)
+    # even a Bundle object carrying the expression (bypassing the loader) will not run it
+    forged = Bundle(
+        **{**loaded.__dict__, "network_def": {**loaded.network_def, "out_channels": payload}}
+    )
+    with pytest.raises(BundleError, match="not trusted"):
+        forged.network()
+    assert not sentinel.exists()
+
+
+def test_untrusted_target_outside_whitelist(tiny: Path) -> None:
+    _edit(
+        tiny,
+        "inference.json",
+        lambda d: d.update(network_def={"_target_": "torch.nn.Linear", "in_features": 1}),
+    )
+    with pytest.raises(
+        BundleError, match=r"network_def\._target_: 'torch\.nn\.Linear' is not an allowed"
+    ):
+        load_bundle(tiny)
+
+
+def test_trusted_bundle_uses_monai_config_parser(tiny: Path) -> None:
+    _edit(tiny, "inference.json", lambda d: d["network_def"].update(out_channels="$4 + 5"))
+    with pytest.raises(BundleError, match="expression"):
+        load_bundle(tiny)
+    b = load_bundle(tiny, trusted=True)
+    net = b.network()
+    assert net(torch.zeros(1, 1, 16, 32, 32)).shape[1] == 9
