@@ -1,0 +1,197 @@
+"""Inference pipeline: geometry round trips, post-processing, modality refusal, findings.
+
+The geometry tests use ``FakeIntensityNetwork``, a stand-in for a trained
+network (named as a fake): it labels each voxel by its normalised intensity,
+so the expected masks are known exactly and any flip, transpose or resampling
+error in the pipeline shows up as a wrong mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from models.bundle import Bundle, load_bundle
+from models.findings import Diagnosis
+from models.inference import (
+    NoModelForModality,
+    Reorientation,
+    analyse,
+    postprocess,
+    resample_labels,
+    segment,
+    with_interpretation,
+)
+from models.network import DEFAULT_LABELS
+from models.vocab import Disease, Organ
+from models.volume import Volume
+from tests.test_bundle import make_tiny_bundle
+
+# intensity level (HU) the fake network maps to each channel
+LEVELS = {0: -1000.0, 1: 60.0, 2: 0.0, 3: 120.0, 8: 200.0}
+WINDOW = (-200.0, 300.0)
+
+
+class FakeIntensityNetwork(torch.nn.Module):
+    """Fake network: channel c scores high where the (windowed) input is near LEVELS[c]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = WINDOW
+        out = torch.full((x.shape[0], len(DEFAULT_LABELS), *x.shape[2:]), -1e4)
+        for ch, hu in LEVELS.items():
+            level = (min(max(hu, lo), hi) - lo) / (hi - lo)
+            out[:, ch] = -((x[:, 0] - level) ** 2) * 1e3
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("b") / "tiny"))
+
+
+def _volume(
+    array: npt.NDArray[np.float32], affine: npt.NDArray[np.float64], modality: str = "CT"
+) -> Volume:
+    return Volume(
+        array=array,
+        affine=affine,
+        sop_instance_uids=tuple(f"1.2.3.{i}" for i in range(array.shape[0])),
+        modality=modality,
+        series_instance_uid="1.2.3",
+        study_instance_uid="1.2",
+        frame_of_reference_uid="1.2.4",
+    )
+
+
+def _phantom() -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.bool_]]]:
+    """A 24 x 64 x 64 phantom: liver block with a lesion, pancreas, gallbladder."""
+    shape = (24, 64, 64)
+    img = np.full(shape, -1000.0, dtype=np.float32)
+    liver = np.zeros(shape, bool)
+    liver[4:20, 8:40, 6:34] = True
+    lesion = np.zeros(shape, bool)
+    kk, rr, cc = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    lesion[(kk - 12) ** 2 * 4 + (rr - 22) ** 2 + (cc - 18) ** 2 <= 36] = True
+    pancreas = np.zeros(shape, bool)
+    pancreas[8:14, 44:52, 30:58] = True
+    gb = np.zeros(shape, bool)
+    gb[6:12, 44:52, 6:16] = True
+    img[liver] = 60.0
+    img[lesion] = 200.0
+    img[pancreas] = 120.0
+    img[gb] = 0.0
+    return img, {"liver": liver | lesion, "lesion": lesion, "pancreas": pancreas, "gallbladder": gb}
+
+
+def _dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+AFFINES = {
+    # axial, k towards superior, 2 x 1.5 x 1.5 mm
+    "axial_up": np.array([[0, 0, 1.5, -40], [0, 1.5, 0, -50], [2.0, 0, 0, 10], [0, 0, 0, 1]]),
+    # slices stored superior -> inferior, rows flipped
+    "axial_down_flipped": np.array(
+        [[0, 0, 1.5, -40], [0, -1.5, 0, 50], [-2.0, 0, 0, 60], [0, 0, 0, 1]]
+    ),
+    # a coronal-like stack: k runs posterior, rows run inferior
+    "coronal": np.array([[0, 0, 1.5, -40], [2.0, 0, 0, -50], [0, -1.5, 0, 60], [0, 0, 0, 1]]),
+}
+
+
+def test_reorientation_round_trip_and_direction() -> None:
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    for affine in AFFINES.values():
+        reo = Reorientation.from_affine(affine)
+        np.testing.assert_array_equal(reo.invert(reo.apply(arr)), arr)
+        # canonical axes run towards +z, +y, +x: (after permutation) positive diagonal
+        cols = affine[:3, :3][:, list(reo.perm)] * np.where(reo.flip, -1, 1)
+        assert cols[2, 0] > 0 and cols[1, 1] > 0 and cols[0, 2] > 0
+
+
+def test_resample_labels_nearest() -> None:
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[2:, :, :] = 1
+    up = resample_labels(lab, (8, 8, 8))
+    assert up.shape == (8, 8, 8)
+    assert (up[4:] == 1).all() and (up[:4] == 0).all()
+
+
+def _iso3(affine: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The same orientation with 3 mm voxels (the tiny bundle's spacing)."""
+    out = affine.astype(np.float64).copy()
+    out[:3, :3] = out[:3, :3] / np.linalg.norm(out[:3, :3], axis=0) * 3.0
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_segment_geometry_exact_at_network_spacing(tiny: Bundle, name: str) -> None:
+    """No resampling: any flip or transpose error would break the exact match."""
+    img, truth = _phantom()
+    seg = segment(_volume(img, _iso3(AFFINES[name])), tiny, network=FakeIntensityNetwork())
+    for organ in ("liver", "pancreas", "gallbladder"):
+        np.testing.assert_array_equal(seg.organ_masks[Organ(organ)], truth[organ])
+    np.testing.assert_array_equal(seg.lesion_instances == 1, truth["lesion"])
+    assert seg.lesion_organs == {1: Organ.LIVER}
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_segment_geometry_with_resampling(tiny: Bundle, name: str) -> None:
+    img, truth = _phantom()
+    vol = _volume(img, AFFINES[name].astype(np.float64))
+    seg = segment(vol, tiny, network=FakeIntensityNetwork())
+    assert _dice(seg.organ_masks[Organ.LIVER], truth["liver"]) > 0.9
+    assert _dice(seg.organ_masks[Organ.PANCREAS], truth["pancreas"]) > 0.75
+    assert _dice(seg.organ_masks[Organ.GALLBLADDER], truth["gallbladder"]) > 0.75
+    assert set(np.unique(seg.lesion_instances)) == {0, 1}
+    assert _dice(seg.lesion_instances == 1, truth["lesion"]) > 0.6
+    assert seg.lesion_organs == {1: Organ.LIVER}
+
+
+def test_analyse_findings_and_provenance(tiny: Bundle) -> None:
+    img, truth = _phantom()
+    vol = _volume(img, AFFINES["axial_up"].astype(np.float64))
+    f = analyse(vol, tiny, network=FakeIntensityNetwork())
+    liver = f.organ(Organ.LIVER)
+    assert liver is not None
+    expected_ml = truth["liver"].sum() * 2.0 * 1.5 * 1.5 / 1000
+    assert liver.volume_ml == pytest.approx(expected_ml, rel=0.15)
+    # parenchyma attenuation excludes the lesion
+    assert liver.mean_intensity == pytest.approx(60.0, abs=5.0)
+    (lesion,) = f.lesions
+    assert lesion.organ == Organ.LIVER
+    assert lesion.long_axis.length_mm == pytest.approx(18.0, abs=4.0)
+    assert lesion.sub_site is not None
+    assert 0.0 < lesion.confidence <= 1.0
+    assert f.diagnoses == () and f.report == ()
+    p = f.provenance
+    assert p.model_name == "hpb_tiny_test" and p.weights_sha256 == tiny.weights_sha256
+    assert p.input_sop_uids == vol.sop_instance_uids
+    g = with_interpretation(f, [Diagnosis(Disease.HCC, 0.3, (lesion.id,))])
+    assert g.diagnoses[0].disease == Disease.HCC and g.lesions == f.lesions
+
+
+def test_ultrasound_and_unknown_modalities_are_refused(tiny: Bundle) -> None:
+    img, _ = _phantom()
+    with pytest.raises(NoModelForModality, match="no model for US"):
+        segment(_volume(img, AFFINES["axial_up"].astype(np.float64), "US"), tiny)
+    with pytest.raises(NoModelForModality, match="no model for PT"):
+        segment(_volume(img, AFFINES["axial_up"].astype(np.float64), "PT"), tiny)
+
+
+def test_postprocess_components_min_size_and_organ_restriction(tiny: Bundle) -> None:
+    lab = np.zeros((20, 40, 40), np.uint8)
+    lab[2:18, 2:20, 2:20] = 1  # liver
+    lab[5:7, 30:32, 30:32] = 1  # stray liver island: removed (not the largest component)
+    lab[8:12, 8:12, 8:12] = 8  # lesion inside the liver: kept
+    lab[10, 10, 25] = 8  # one-voxel speck: below min size
+    lab[14:18, 30:36, 30:36] = 8  # lesion touching no organ: dropped
+    prob = np.full(lab.shape, 0.9, np.float32)
+    organ_map, inst, organs, conf = postprocess(lab, prob, tiny, voxel_ml=0.027)
+    assert organ_map[6, 31, 31] == 0
+    assert set(np.unique(inst)) == {0, 1}
+    assert organs == {1: Organ.LIVER}
+    assert conf[1] == pytest.approx(0.9)
+    assert (organ_map[inst == 1] == 1).all()  # the lesion is folded into the liver
