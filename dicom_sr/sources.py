@@ -34,13 +34,9 @@ class SourceSeries:
     def first(self) -> Dataset:
         return self.datasets[0]
 
-    def slice_affine(self, k: int) -> npt.NDArray[np.float64]:
-        """3x3 matrix M and origin so that LPS = origin + M @ (0, r, c) for slice k."""
-        return plane_geometry(self.slices[k])[0]
-
     def pixel_to_lps(self, k: int, rc: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Map (row, column) pixel indices on slice k to LPS mm."""
-        origin, row_dir, col_dir, spacing = _plane(self.slices[k])
+        origin, row_dir, col_dir, spacing = plane_vectors(self.slices[k])
         p = np.asarray(rc, dtype=np.float64).reshape(-1, 2)
         return (
             origin
@@ -101,7 +97,7 @@ def _frame_item(ds: Dataset, frame_number: int, attr: str) -> Dataset | None:
     return None
 
 
-def _plane(
+def plane_vectors(
     s: SourceSlice,
 ) -> tuple[
     npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], tuple[float, float]
@@ -120,11 +116,3 @@ def _plane(
     row_dir = np.array([float(v) for v in iop[:3]])  # direction of increasing column
     col_dir = np.array([float(v) for v in iop[3:]])  # direction of increasing row
     return origin, row_dir, col_dir, (float(ps[0]), float(ps[1]))
-
-
-def plane_geometry(s: SourceSlice) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    origin, row_dir, col_dir, spacing = _plane(s)
-    m = np.zeros((3, 3))
-    m[:, 1] = col_dir * spacing[0]
-    m[:, 2] = row_dir * spacing[1]
-    return m, origin
