@@ -21,7 +21,13 @@ from skimage import draw, measure
 from dicom_sr import codes
 from dicom_sr.errors import BuildError
 from dicom_sr.options import SERIES_OFFSETS, OutputOptions
-from dicom_sr.sources import SourceSeries, SourceSlice, order_sources, plane_vectors
+from dicom_sr.sources import (
+    SourceSeries,
+    SourceSlice,
+    copy_study_attributes,
+    order_sources,
+    plane_vectors,
+)
 from dicom_sr.uids import output_uid
 from models.findings import Findings, LesionFinding
 
@@ -123,7 +129,9 @@ def build_secondary_captures(
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise BuildError(f"SC image for lesion {lesion.number} failed: {exc}") from exc
+        copy_study_attributes(sc, ref)
         sc.BurnedInAnnotation = "YES"
+        sc.Laterality = ""  # Type 2C in General Series; unpaired (abdominal) anatomy
         sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
         sc.SeriesDescription = opts.describe("AI key images (annotated)")
         sc.ImageComments = (
@@ -190,5 +198,6 @@ def build_key_objects(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise BuildError(f"Key Object Selection could not be built: {exc}") from exc
+    copy_study_attributes(ko, series.first)
     ko.SeriesDescription = opts.describe("AI key images")
     return ko

@@ -38,7 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_sr import codes
 from dicom_sr.errors import BuildError
 from dicom_sr.options import SERIES_OFFSETS, OutputOptions
-from dicom_sr.sources import SourceSeries, order_sources
+from dicom_sr.sources import SourceSeries, copy_study_attributes, order_sources
 from dicom_sr.uids import output_uid
 from models.findings import Findings, LesionFinding, OrganFinding
 
@@ -273,6 +273,7 @@ def build_seg(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise BuildError(f"SEG could not be built: {exc}") from exc
+    copy_study_attributes(seg, series.first)
     seg.SeriesDescription = opts.describe("AI SEG organs+lesions")
     if opts.institution_name:
         seg.InstitutionName = opts.institution_name

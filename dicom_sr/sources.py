@@ -116,3 +116,14 @@ def plane_vectors(
     row_dir = np.array([float(v) for v in iop[:3]])  # direction of increasing column
     col_dir = np.array([float(v) for v in iop[3:]])  # direction of increasing row
     return origin, row_dir, col_dir, (float(ps[0]), float(ps[1]))
+
+
+STUDY_ATTRIBUTES = ("StudyDescription", "AccessionNumber", "StudyID", "ReferringPhysicianName")
+
+
+def copy_study_attributes(target: Dataset, source: Dataset) -> None:
+    """Copy study-level attributes some highdicom builders leave out, so every
+    object of the study agrees with the source (dcentvfy checks this)."""
+    for kw in STUDY_ATTRIBUTES:
+        if kw in source and kw not in target:
+            setattr(target, kw, source[kw].value)

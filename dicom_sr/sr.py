@@ -33,7 +33,7 @@ from dicom_sr import codes
 from dicom_sr.errors import BuildError
 from dicom_sr.options import SERIES_OFFSETS, OutputOptions
 from dicom_sr.seg import algorithm_identification, lesion_label, plan_segments
-from dicom_sr.sources import SourceSeries, order_sources
+from dicom_sr.sources import SourceSeries, copy_study_attributes, order_sources
 from dicom_sr.uids import output_uid
 from models.findings import Axis, Findings, LesionFinding
 
@@ -412,5 +412,6 @@ def build_sr(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise BuildError(f"SR could not be built: {exc}") from exc
+    copy_study_attributes(sr, series.first)
     sr.SeriesDescription = opts.describe("AI measurements TID1500")
     return sr
