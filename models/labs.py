@@ -25,8 +25,11 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+from models.findings import ClinicalValue
+
 __all__ = [
     "LAB_PANEL",
+    "ClinicalContext",
     "LabTest",
     "LabUnitError",
     "NormalisedValue",
@@ -385,3 +388,55 @@ def sex_from_dicom(patient_sex: str) -> str | None:
     """ "M" or "F" from PatientSex; None for "O", empty or anything else."""
     s = patient_sex.strip().upper()
     return s if s in ("M", "F") else None
+
+
+# ---------------------------------------------------------------------------
+# the clinical context handed to fusion and report generation
+
+
+@dataclass(frozen=True)
+class ClinicalContext:
+    """Clinical inputs for one study: normalised lab values, history, demographics.
+
+    ``values`` hold panel tests (``name`` = panel name, ``code`` = primary LOINC,
+    value in the canonical unit) plus non-lab items; ``missing`` names every
+    panel test with no usable value, with the reason after a colon where one is
+    known (``"AFP: no result within 30 days"``, ``"ALT: implausible value"``).
+    """
+
+    values: tuple[ClinicalValue, ...] = ()
+    history: str = ""
+    age: int | None = None
+    sex: str | None = None
+    missing: tuple[str, ...] = ()
+
+    def lab_values(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for v in self.values:
+            if v.name in _BY_NAME and isinstance(v.value, (int, float)):
+                out[v.name] = float(v.value)
+        return out
+
+    def value(self, name: str) -> ClinicalValue | None:
+        return next((v for v in self.values if v.name == name), None)
+
+    def missing_names(self) -> tuple[str, ...]:
+        return tuple(m.split(":", 1)[0] for m in self.missing)
+
+
+def context_from_labs(
+    labs: dict[str, float],
+    *,
+    history: str = "",
+    age: int | None = None,
+    sex: str | None = None,
+    source: str = "synthetic",
+) -> ClinicalContext:
+    """A context from panel-name -> canonical value (e.g. synthetic labs)."""
+    values = tuple(
+        ClinicalValue(t.name, t.loinc, float(labs[t.name]), t.unit, None, source)
+        for t in LAB_PANEL
+        if t.name in labs
+    )
+    missing = tuple(f"{t.name}: not available" for t in LAB_PANEL if t.name not in labs)
+    return ClinicalContext(values, history, age, sex, missing)

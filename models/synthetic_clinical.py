@@ -143,6 +143,7 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
     if D.CIRRHOSIS in diseases:
         diseases.discard(D.STEATOSIS) if rng.uniform() < 0.5 else None
 
+    pancreas_hu = float(rng.normal(78 if D.PANCREATITIS in diseases else 100, 12))
     lesions: list[LesionTruth] = []
 
     def add(*a: Any) -> None:
@@ -151,13 +152,13 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
     liver, panc, gb = Organ.LIVER, Organ.PANCREAS, Organ.GALLBLADDER
     if D.HCC in diseases:
         for _ in range(int(rng.choice([1, 1, 1, 2, 3]))):
-            add(liver, LesionKind.MASS, D.HCC, (15, 85), (82, 18), _pick(rng, COUINAUD))
+            add(liver, LesionKind.MASS, D.HCC, (12, 80), (92, 22), _pick(rng, COUINAUD))
     if D.LIVER_METASTASIS in diseases:
         for _ in range(int(rng.integers(1, 6))):
             add(liver, LesionKind.MASS, D.LIVER_METASTASIS, (7, 50), (70, 18), _pick(rng, COUINAUD))
     if D.HAEMANGIOMA in diseases:
         for _ in range(int(rng.choice([1, 1, 2]))):
-            add(liver, LesionKind.MASS, D.HAEMANGIOMA, (8, 55), (118, 22), _pick(rng, COUINAUD))
+            add(liver, LesionKind.MASS, D.HAEMANGIOMA, (8, 55), (115, 25), _pick(rng, COUINAUD))
     if D.SIMPLE_CYST in diseases:
         for _ in range(int(rng.choice([1, 1, 2, 3]))):
             add(liver, LesionKind.CYST, D.SIMPLE_CYST, (5, 60), (8, 7), _pick(rng, COUINAUD))
@@ -168,7 +169,10 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
             add(gb, LesionKind.CALCULUS, D.CHOLELITHIASIS, (4, 25), hu, None)
     if D.PDAC in diseases:
         part = PANCREAS_PARTS[int(rng.choice(3, p=[0.65, 0.2, 0.15]))]
-        add(panc, LesionKind.MASS, D.PDAC, (14, 45), (68, 14), part)
+        if rng.uniform() < 0.12:  # isoattenuating PDAC: only secondary signs on CT
+            add(panc, LesionKind.MASS, D.PDAC, (12, 35), (pancreas_hu, 4.0), part)
+        else:
+            add(panc, LesionKind.MASS, D.PDAC, (10, 40), (70, 15), part)
     if D.PANCREATIC_CYSTIC_LESION in diseases:
         add(
             panc,
@@ -178,6 +182,8 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
             (14, 8),
             _pick(rng, PANCREAS_PARTS),
         )
+    if D.PANCREATITIS in diseases and rng.uniform() < 0.12:  # mass-forming pancreatitis
+        add(panc, LesionKind.MASS, D.PANCREATITIS, (18, 40), (78, 12), _pick(rng, PANCREAS_PARTS))
     if D.PANCREATITIS in diseases and rng.uniform() < 0.25:  # pseudocyst
         add(panc, LesionKind.CYST, D.PANCREATITIS, (20, 80), (18, 8), _pick(rng, PANCREAS_PARTS))
     lesions = [
@@ -207,7 +213,7 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
         "spleen_volume_ml": float(rng.lognormal(np.log(420 if cirr else 200), 0.3)),
         "spleen_mean_hu": float(rng.normal(110, 10)),
         "pancreas_volume_ml": float(rng.normal(95 if D.PANCREATITIS in diseases else 70, 15)),
-        "pancreas_mean_hu": float(rng.normal(78 if D.PANCREATITIS in diseases else 100, 12)),
+        "pancreas_mean_hu": pancreas_hu,
         "pancreatic_duct_mm": float(
             max(
                 1.0,
@@ -270,17 +276,25 @@ def _labs(truth: CaseTruth, rng: np.random.Generator) -> dict[str, float]:
     duct_stone = stones and rng.uniform() < 0.25
     obstructive = (pdac and head and rng.uniform() < 0.8) or duct_stone
     lewis_negative = rng.uniform() < 0.1
+    # conditions outside the target list that move the same labs (realistic overlap)
+    other_hepatitis = rng.uniform() < 0.08  # viral / drug hepatitis: ALT, AST up
+    drug_cholestasis = rng.uniform() < 0.06  # ALP, GGT up
+    benign_ca199 = rng.uniform() < 0.08  # cholangitis, diabetes: benign CA 19-9 rise
+    smoker_cea = rng.uniform() < 0.2
+    renal = rng.uniform() < 0.05  # renal impairment: lipase, amylase up
 
     v: dict[str, float] = {}
-    v["AFP"] = _lognorm(rng, 60.0 if hcc else 6.0 if cirr else 3.0, 1.8 if hcc else 0.6)
+    v["AFP"] = _lognorm(rng, 25.0 if hcc else 5.0 if cirr else 3.0, 2.0 if hcc else 0.7)
     ca = _lognorm(rng, 250.0 if pdac else 12.0, 1.6 if pdac else 0.6)
     ca *= (3.0 if obstructive else 1.0) * (1.6 if panc_itis or stones else 1.0)
+    ca *= 4.0 if benign_ca199 else 1.0
     v["CA19-9"] = 1.0 if lewis_negative else ca
     v["CEA"] = (
         _lognorm(rng, 2.0, 0.5)
         * (12.0 if met and rng.uniform() < 0.7 else 1.0)
         * (2.0 if pdac else 1.0)
         * np.exp(rng.normal(0, 0.6) if met else 0.0)
+        * (2.0 if smoker_cea else 1.0)
     )
     bili = _lognorm(rng, 0.6, 0.35)
     if obstructive:
@@ -294,6 +308,7 @@ def _labs(truth: CaseTruth, rng: np.random.Generator) -> dict[str, float]:
         * (1.5 if hcc or cirr else 1.0)
         * (2.5 if panc_itis else 1.0)
         * (2.0 if obstructive else 1.0)
+        * (3.0 if other_hepatitis else 1.0)
     )
     v["AST"] = (
         _lognorm(rng, 24.0, 0.35)
@@ -301,6 +316,7 @@ def _labs(truth: CaseTruth, rng: np.random.Generator) -> dict[str, float]:
         * (1.4 if stea else 1.0)
         * (1.6 if hcc or met else 1.0)
         * (2.0 if panc_itis else 1.0)
+        * (2.5 if other_hepatitis else 1.0)
     )
     v["ALP"] = (
         _lognorm(rng, 75.0, 0.3)
@@ -308,6 +324,7 @@ def _labs(truth: CaseTruth, rng: np.random.Generator) -> dict[str, float]:
         * (2.0 if met else 1.0)
         * (1.4 if stones else 1.0)
         * (1.4 if hcc else 1.0)
+        * (2.5 if drug_cholestasis else 1.0)
     )
     v["GGT"] = (
         _lognorm(rng, 25.0, 0.5)
@@ -315,6 +332,7 @@ def _labs(truth: CaseTruth, rng: np.random.Generator) -> dict[str, float]:
         * (3.0 if met else 1.0)
         * (1.8 if stones else 1.0)
         * (2.0 if stea or cirr else 1.0)
+        * (3.0 if drug_cholestasis else 1.0)
     )
     v["ALB"] = float(
         rng.normal(4.2, 0.35)
@@ -329,8 +347,13 @@ def _labs(truth: CaseTruth, rng: np.random.Generator) -> dict[str, float]:
         * (_lognorm(rng, 15.0, 0.9) if panc_itis else 1.0)
         * (1.3 if pdac else 1.0)
         * (1.3 if stones else 1.0)
+        * (3.0 if renal else 1.0)
     )
-    v["AMYLASE"] = _lognorm(rng, 60.0, 0.35) * (_lognorm(rng, 5.0, 0.8) if panc_itis else 1.0)
+    v["AMYLASE"] = (
+        _lognorm(rng, 60.0, 0.35)
+        * (_lognorm(rng, 5.0, 0.8) if panc_itis else 1.0)
+        * (2.0 if renal else 1.0)
+    )
     hbv_p = 0.45 if hcc else 0.25 if cirr else 0.03
     hcv_p = 0.35 if hcc else 0.30 if cirr else 0.02
     v["HBSAG"] = float(rng.uniform() < hbv_p)
@@ -510,9 +533,12 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
     """What a segmentation network plus measurement would report for ``truth``.
 
     Masks are 1x1x1 placeholders (only the measurements are meaningful). Noise:
-    volumes ±8 %, attenuation ±6 HU, diameters ±10 %; lesions under 6 mm are
+    volumes ±8 %, attenuation ±6 HU, diameters ±5 %; lesions under 6 mm are
     missed half the time, gallstones within 40 HU of bile are missed, and about
-    6 % of cases get a small false-positive liver nodule.
+    10 % of cases get a small false-positive liver nodule. Lesions under 10 mm
+    are missed a quarter of the time (under 6 mm half), pancreatic lesions
+    isoattenuating to the gland are missed, and contrast timing shifts every
+    attenuation of a case by the same N(0, 10) HU.
     """
     q = truth.organ_qualities
     tiny = np.zeros((1, 1, 1), dtype=bool)
@@ -520,8 +546,10 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
     def vol(key: str, default: float) -> float:
         return max(1.0, float(q.get(key, default)) * float(np.exp(rng.normal(0, 0.08))))
 
+    shift = float(rng.normal(0, 10))  # contrast timing: the whole case
+
     def hu(key: str, default: float) -> float:
-        return float(q.get(key, default)) + float(rng.normal(0, 6))
+        return float(q.get(key, default)) + shift + float(rng.normal(0, 6))
 
     organs = [
         OrganFinding(
@@ -566,7 +594,7 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
     ]
     lesions: list[LesionFinding] = []
     candidates = list(truth.lesions)
-    if rng.uniform() < 0.06:
+    if rng.uniform() < 0.10:
         candidates.append(
             LesionTruth(
                 0,
@@ -581,13 +609,15 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
         )
     for les in candidates:
         truth_hu = les.mean_hu if les.mean_hu is not None else 60.0
-        if les.diameter_mm < 6 and rng.uniform() < 0.5:
+        if les.diameter_mm < 10 and rng.uniform() < (0.5 if les.diameter_mm < 6 else 0.25):
             continue
+        if les.organ == Organ.PANCREAS and abs(truth_hu - q.get("pancreas_mean_hu", 100)) < 12:
+            continue  # isoattenuating to the pancreas: not seen
         if les.organ == Organ.GALLBLADDER and truth_hu < 50:
             continue  # isodense stone: invisible on CT
-        long = max(2.0, les.diameter_mm * float(np.exp(rng.normal(0, 0.1))))
+        long = max(2.0, les.diameter_mm * float(np.exp(rng.normal(0, 0.05))))
         short = long * float(rng.uniform(0.6, 0.95))
-        mean = truth_hu + float(rng.normal(0, 6))
+        mean = truth_hu + shift + float(rng.normal(0, 6))
         n = len(lesions) + 1
         lesions.append(
             LesionFinding(
