@@ -38,7 +38,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from models.bundle import Bundle
+from models.bundle import Bundle, IntensityNorm
 from models.findings import (
     ClinicalValue,
     Diagnosis,
@@ -137,11 +137,8 @@ def resample_labels(labels: npt.NDArray[Any], shape: Sequence[int]) -> npt.NDArr
     return labels[np.ix_(idx[0], idx[1], idx[2])]
 
 
-def normalise_intensity(
-    array: npt.NDArray[Any], modality: str, bundle: Bundle
-) -> npt.NDArray[np.float32]:
-    """Scale voxels to [0, 1] with the bundle's rule for ``modality``."""
-    norm = bundle.intensity[modality]
+def normalise_intensity(array: npt.NDArray[Any], norm: IntensityNorm) -> npt.NDArray[np.float32]:
+    """Scale voxels to [0, 1]: a fixed window (CT) or the image's percentiles (MR)."""
     a = np.asarray(array, dtype=np.float32)
     if norm.kind == "window":
         lo, hi = norm.lower, norm.upper
@@ -171,7 +168,7 @@ def prepare_input(
     reo = Reorientation.from_affine(affine)
     canon = reo.apply(array)
     shape = (int(canon.shape[0]), int(canon.shape[1]), int(canon.shape[2]))
-    norm = normalise_intensity(canon, mod, bundle)
+    norm = normalise_intensity(canon, bundle.intensity[mod])
     net_shape = target_shape(shape, reo.spacing(affine), bundle.spacing_mm)
     x = torch.from_numpy(np.ascontiguousarray(norm))[None, None]
     del norm

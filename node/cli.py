@@ -12,7 +12,7 @@ from node.errors import NodeError
 
 # Each module here defines ``register(subparsers)`` adding its sub-command(s);
 # a sub-command sets ``func(args) -> int`` with ``set_defaults``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("node.cli_train",)
 
 
 def build_parser() -> argparse.ArgumentParser:
