@@ -67,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         name=args.name,
         version=args.version,
-        command="hpb-node " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "",
+        command=(
+            "hpb-node " + shlex.join(sys.argv[1:])
+            if Path(sys.argv[0]).name in ("hpb-node", "__main__.py")
+            else ""
+        ),
     )
     try:
         result = train(config, progress=lambda msg: print(msg, flush=True))
