@@ -1,0 +1,222 @@
+"""``hpb-node evaluate``: the clinical study's outcome measures on a site's own data.
+
+Reads a reference set and the model's results (folders in the layout of
+``docs/evaluation.md``; results optionally fetched from the PACS over DICOMweb,
+or computed now by running the model on the reference studies), writes
+``evaluation.json`` and ``evaluation.html`` into ``--out``, and exits 0 when
+every ``--threshold`` is met, 1 when one is not (2 on errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.evaluation import (
+    CaseMasks,
+    EvaluationSet,
+    Options,
+    Threshold,
+    ThresholdError,
+    check_thresholds,
+    evaluate,
+    load_set,
+    write_outputs,
+)
+from models.evaluation.dataset import (
+    DatasetError,
+    SRContent,
+    is_lesion_label,
+    structure_name,
+)
+from models.evaluation.pacs import DicomWebClient, PacsFetchError, fetch_results
+from node.errors import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
+
+EXIT_MET = 0
+EXIT_NOT_MET = 1
+
+
+# ---------------------------------------------------------------------------
+# dicom_sr readers as evaluation readers (models cannot import dicom_sr)
+
+
+def seg_reader(path: Path) -> CaseMasks:
+    """A SEG read by :func:`dicom_sr.readers.read_seg` on its own grid."""
+    from dicom_sr.errors import DicomOutputError
+    from dicom_sr.readers import read_seg
+
+    try:
+        seg = read_seg(path)
+    except DicomOutputError as exc:
+        raise DatasetError(str(exc)) from exc
+    if seg.affine is None or not seg.masks:
+        raise DatasetError(f"{path}: the SEG has no masks on a regular grid")
+    first = next(iter(seg.masks.values()))
+    shape = (int(first.shape[0]), int(first.shape[1]), int(first.shape[2]))
+    out = CaseMasks(seg.affine, shape)
+    n = 0
+    for info in seg.segments:
+        mask = seg.masks[info.number]
+        if is_lesion_label(info.label):
+            if out.lesions is None:
+                out.lesions = np.zeros(shape, dtype=np.int32)
+            n += 1
+            out.lesions[mask & (out.lesions == 0)] = n
+        else:
+            name = structure_name(info.label)
+            out.structures[name] = out.structures.get(name, np.zeros(shape, bool)) | mask
+    return out
+
+
+def sr_reader(path: Path) -> SRContent:
+    """Lesion long axes and report text of a TID 1500 SR read by :func:`dicom_sr.readers.read_sr`."""
+    from dicom_sr.errors import DicomOutputError
+    from dicom_sr.readers import read_sr
+
+    try:
+        sr = read_sr(path)
+    except DicomOutputError as exc:
+        raise DatasetError(str(exc)) from exc
+    diameters: list[float] = []
+    for g in sr.groups:
+        best = 0.0
+        for m in g.measurements:
+            meaning = m.name[2].lower()
+            unit = m.unit[0] if m.unit else ""
+            factor = {"mm": 1.0, "cm": 10.0}.get(unit)
+            if factor and ("diameter" in meaning or "long axis" in meaning):
+                best = max(best, m.value * factor)
+        if best > 0:
+            diameters.append(best)
+    text = " ".join(t for t in (sr.findings_text, sr.impression_text) if t)
+    return SRContent(tuple(diameters), text)
+
+
+def _readers() -> dict[str, Any]:
+    try:
+        import dicom_sr.readers  # noqa: F401
+    except ImportError:  # pragma: no cover - dicom_sr is part of the node
+        return {}
+    return {"seg_reader": seg_reader, "sr_reader": sr_reader}
+
+
+# ---------------------------------------------------------------------------
+# running the model now
+
+
+def run_model(reference: EvaluationSet, bundle_path: str | None, modality: str) -> EvaluationSet:
+    """The model's results computed now on the reference studies (``images/<case>``)."""
+    from models.bundle import BundleError, load_bundle
+    from models.evaluation.adapters import add_findings, volume_from_image
+    from models.inference import InferenceError, analyse
+
+    if not reference.images:
+        raise ConfigError("--run-model needs the studies in <reference>/images/<case>")
+    try:
+        bundle = load_bundle(bundle_path)
+    except BundleError as exc:
+        raise ConfigError(f"cannot load the model bundle: {exc}") from exc
+    results = EvaluationSet(source=f"model run now ({bundle_path or 'shipped bundle'})")
+    for case_id, path in sorted(reference.images.items()):
+        try:
+            volume = volume_from_image(path, modality)
+            findings = analyse(volume, bundle)
+        except (InferenceError, ValueError) as exc:
+            raise PipelineError(f"case {case_id}: the model could not run: {exc}") from exc
+        add_findings(results, case_id, findings, volume.affine)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# command
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate the model against a reference set (diagnosis, segmentation, report)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--reference", required=True, type=Path, help="reference set folder")
+    p.add_argument("--results", type=Path, help="model results folder (same layout)")
+    p.add_argument("--out", required=True, type=Path, help="folder for evaluation.json/.html")
+    p.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="e.g. dice.liver>=0.9, auroc.hcc>=0.8, lesion.fp_per_case<=1 (repeatable)",
+    )
+    p.add_argument("--probability-threshold", type=float, default=0.5)
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for 95%% CIs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--title", default="hpb-node evaluation")
+    p.add_argument(
+        "--pacs-url",
+        help="DICOMweb root to fetch results from, e.g. http://127.0.0.1:8042/dicom-web",
+    )
+    p.add_argument("--pacs-user", help="user:password for the PACS (HTTP basic)")
+    p.add_argument(
+        "--study",
+        action="append",
+        default=[],
+        metavar="CASE=STUDYUID",
+        help="a study to fetch from the PACS for a case (repeatable)",
+    )
+    p.add_argument(
+        "--run-model", action="store_true", help="compute results now on <reference>/images"
+    )
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped one)")
+    p.add_argument("--modality", default="CT", help="modality of NIfTI studies for --run-model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        thresholds = [Threshold.parse(t) for t in args.threshold]
+    except ThresholdError as exc:
+        raise ConfigError(str(exc)) from exc
+    sources = sum(bool(x) for x in (args.results, args.pacs_url, args.run_model))
+    if sources != 1:
+        raise ConfigError("give exactly one of --results, --pacs-url (with --study) or --run-model")
+    readers = _readers()
+    try:
+        reference = load_set(args.reference, reference=True, **readers)
+        if args.pacs_url:
+            if not args.study:
+                raise ConfigError("--pacs-url needs at least one --study CASE=STUDYUID")
+            studies = {}
+            for item in args.study:
+                case, sep, uid = item.partition("=")
+                if not sep or not case or not uid:
+                    raise ConfigError(f"--study {item!r} is not CASE=STUDYUID")
+                studies[case] = uid
+            fetched = args.out / "fetched"
+            auth = tuple(args.pacs_user.split(":", 1)) if args.pacs_user else None
+            try:
+                with DicomWebClient(args.pacs_url, auth=auth) as client:  # type: ignore[arg-type]
+                    fetch_results(client, studies, fetched)
+            except PacsFetchError as exc:
+                raise PipelineError(f"fetching results from the PACS failed: {exc}") from exc
+            results = load_set(fetched, reference=False, **readers)
+        elif args.run_model:
+            results = run_model(reference, args.bundle, args.modality)
+        else:
+            results = load_set(args.results, reference=False, **readers)
+    except DatasetError as exc:
+        raise ConfigError(f"input unusable: {exc}") from exc
+    opt = Options(threshold=args.probability_threshold, n_bootstrap=args.bootstrap, seed=args.seed)
+    result = evaluate(reference, results, opt)
+    checks = check_thresholds(result, thresholds)
+    json_path, html_path = write_outputs(result, reference, results, args.out, title=args.title)
+    print(f"wrote {json_path} and {html_path}")
+    for c in checks:
+        print(f"{'met' if c['met'] else 'NOT MET'}: {c['threshold']} (value {c['value']})")
+    return EXIT_MET if all(c["met"] for c in checks) else EXIT_NOT_MET
