@@ -12,7 +12,7 @@ from node.errors import NodeError
 
 # Each module here defines ``register(subparsers)`` adding its sub-command(s);
 # a sub-command sets ``func(args) -> int`` with ``set_defaults``.
-COMMAND_MODULES: tuple[str, ...] = ("node.cli_train",)
+COMMAND_MODULES: tuple[str, ...] = ("node.cli_train", "node.cli_synth", "node.cli_evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
