@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from models.nifti import save_nifti_krc
 from models.series_writer import SeriesInfo, derived_uid, write_series
 from models.synthetic.generator import DEFAULT_SHAPE, DEFAULT_SPACING, SyntheticCase, generate_case
+from models.synthetic.labels import ORGAN_LABELS
 from models.vocab import ContrastPhase
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def write_case(
     transfer_syntax: str = ExplicitVRLittleEndian,
     dicom: bool = True,
 ) -> dict[str, Path]:
-    """Write one case; returns the paths by role (``dicom``, ``image``, ``label``, ``lesion``, ``truth``)."""
+    """Write one case; returns the paths by role (``dicom``, ``image``, ``label``, ``lesions``, ``truth``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -92,8 +93,8 @@ def write_case(
     save_nifti_krc(case.image, case.affine, paths["image"])
     paths["label"] = out / "organ_labels.nii.gz"
     save_nifti_krc(case.organ_labels, case.affine, paths["label"])
-    paths["lesion"] = out / "lesion_labels.nii.gz"
-    save_nifti_krc(case.lesion_labels, case.affine, paths["lesion"])
+    paths["lesions"] = out / "lesion_labels.nii.gz"
+    save_nifti_krc(case.lesion_labels, case.affine, paths["lesions"])
     paths["truth"] = out / "truth.json"
     paths["truth"].write_text(json.dumps(case.truth.to_json(), indent=1))
     return paths
@@ -114,10 +115,12 @@ def manifest_row(case: SyntheticCase, paths: dict[str, Path], root: Path) -> dic
         "modality": t.modality,
         "phase": t.phase.value,
         "synthetic": True,
+        "source": "synthetic",
+        "label_table": {str(v): organ.value for v, organ in ORGAN_LABELS.items()},
         "shape": list(case.image.shape),
         "diseases": [d.value for d in t.diseases],
     }
-    for role in ("image", "dicom", "label", "lesion", "truth"):
+    for role in ("image", "dicom", "label", "lesions", "truth"):
         if role in paths:
             row[role] = paths[role].relative_to(root).as_posix()
     return row
@@ -173,7 +176,7 @@ def read_manifest(path: Path | str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         row = json.loads(line)
-        for role in ("image", "dicom", "label", "lesion", "truth"):
+        for role in ("image", "dicom", "label", "lesions", "truth"):
             if role in row:
                 row[role] = str((p.parent / row[role]).resolve())
         out.append(row)
