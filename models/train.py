@@ -106,6 +106,7 @@ class TrainRecord:
     label_masks: dict[str, Path] = field(default_factory=dict)
     lesions: Path | None = None
     source: str = "synthetic"
+    weight: float = 1.0  # relative sampling weight of the case's patches
 
 
 def _path(value: Any, base: Path) -> Path:
@@ -144,6 +145,7 @@ def record_from_json(data: Mapping[str, Any], base: Path, line: str = "") -> Tra
         label_masks={str(k): _path(v, base) for k, v in masks.items()},
         lesions=_path(lesions, base) if lesions is not None else None,
         source=str(data.get("source", "synthetic")),
+        weight=float(data.get("weight", 1.0)),
     )
 
 
@@ -225,6 +227,7 @@ class Prepared:
     image: npt.NDArray[np.float16]
     label: npt.NDArray[np.uint8]
     index: dict[int, npt.NDArray[np.int32]] = field(default_factory=dict)
+    weight: float = 1.0
 
 
 def prepare(
@@ -271,7 +274,7 @@ def prepare(
 def prepare_record(record: TrainRecord, config: TrainConfig) -> Prepared:
     image, affine = load_image(record.image)
     label = load_labels(record, image.shape)
-    return prepare(
+    prepared = prepare(
         image,
         affine,
         label,
@@ -281,6 +284,8 @@ def prepare_record(record: TrainRecord, config: TrainConfig) -> Prepared:
         case_id=record.case_id,
         seed=config.seed,
     )
+    prepared.weight = record.weight
+    return prepared
 
 
 # ---------------------------------------------------------------------------
@@ -358,6 +363,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     max_minutes: float | None = None
     max_val_cases: int = 8
+    val_every: int = 1  # validate every N epochs (and always after the last one)
     threads: int = 2
     seed: int = 0
     resume: bool = False
@@ -507,6 +513,10 @@ def train(config: TrainConfig, progress: Callable[[str], None] | None = None) ->
     val_cases = [prepare_record(r, config) for r in val_recs]
     say(f"preprocessed in {time.monotonic() - started:.0f} s")
     weights_by_ch = {ch: CLASS_WEIGHTS.get(name, 1.0) for ch, name in DEFAULT_LABELS.items()}
+    case_p = np.array([max(c.weight, 0.0) for c in train_cases], dtype=np.float64)
+    if case_p.sum() <= 0:
+        raise TrainError("every training case has weight 0")
+    case_p /= case_p.sum()
 
     net = build_network(config.network_def())
     opt = torch.optim.AdamW(
@@ -545,7 +555,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] | None = None) ->
         for _ in range(config.iterations_per_epoch):
             xs, ys = [], []
             for _ in range(config.batch_size):
-                case = train_cases[int(rng.integers(len(train_cases)))]
+                case = train_cases[int(rng.choice(len(train_cases), p=case_p))]
                 img, lab = sample_patch(case, config.roi_size, rng, weights_by_ch)
                 d = aug({"image": img[None], "label": lab[None].astype(np.float32)})
                 xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
@@ -557,8 +567,16 @@ def train(config: TrainConfig, progress: Callable[[str], None] | None = None) ->
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-        dice = validate(net, val_cases, config) if val_cases else {}
-        score = _mean_dice(dice) if val_cases else -float(np.mean(losses))
+        final = epoch == config.epochs - 1 or (
+            config.max_minutes is not None
+            and (time.monotonic() - started) / 60 > config.max_minutes
+        )
+        due = final or (epoch + 1) % max(config.val_every, 1) == 0
+        dice = validate(net, val_cases, config) if val_cases and due else {}
+        if val_cases and not due:
+            score = -float("inf")
+        else:
+            score = _mean_dice(dice) if val_cases else -float(np.mean(losses))
         entry = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),

@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--roi", type=int, nargs=3, default=(32, 96, 96), metavar=("K", "R", "C"))
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
     p.add_argument("--max-val-cases", type=int, default=8)
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/last.pt")
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         max_minutes=args.max_minutes,
         max_val_cases=args.max_val_cases,
+        val_every=args.val_every,
         threads=args.threads,
         seed=args.seed,
         resume=args.resume,
