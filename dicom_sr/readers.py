@@ -229,7 +229,8 @@ def read_seg(
         raise UnsupportedObjectError(
             f"{name}: tiled (whole-slide microscopy) SEG: the node reads radiology SEGs only"
         )
-    segments = [_segment_info(item) for item in ds.SegmentSequence]
+    # LABELMAP SEGs may describe the background as segment 0: not a segment to return
+    segments = [_segment_info(item) for item in ds.SegmentSequence if int(item.SegmentNumber) != 0]
     ref_series = _first(ds, "ReferencedSeriesSequence")
     out = SegRead(
         sop_instance_uid=str(ds.SOPInstanceUID),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def order_sources(
         raise BuildError("findings.provenance.input_sop_uids is empty: cannot map slices")
     by_uid: dict[str, Dataset] = {}
     for ds in source_datasets:
-        by_uid[str(ds.SOPInstanceUID)] = ds
+        by_uid[str(ds.SOPInstanceUID)] = _sanitized(ds)
     missing = [u for u in dict.fromkeys(uids) if u not in by_uid]
     if missing:
         raise BuildError(
@@ -83,6 +84,15 @@ def order_sources(
         slices.append(SourceSlice(ds, fn))
     datasets = tuple(by_uid[u] for u in dict.fromkeys(uids))
     return SourceSeries(datasets, tuple(slices))
+
+
+def _sanitized(ds: Dataset) -> Dataset:
+    """A shallow copy without an empty SpecificCharacterSet (some scanners write one;
+    it means the default repertoire, but highdicom refuses the empty value)."""
+    if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+        ds = copy.copy(ds)
+        del ds.SpecificCharacterSet
+    return ds
 
 
 def _frame_item(ds: Dataset, frame_number: int, attr: str) -> Dataset | None:

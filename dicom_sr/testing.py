@@ -160,3 +160,39 @@ def findings_from_masks(
         created_at=datetime(2026, 1, 1, 12, 0, 0),
     )
     return Findings(tuple(organ_findings), tuple(lesion_findings), dx, tuple(sentences), prov)
+
+
+def flip_axes(
+    array: npt.NDArray[np.generic], affine: npt.NDArray[np.float64], axes: Sequence[int]
+) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.float64]]:
+    """The same voxels indexed backwards along ``axes`` (same patient geometry)."""
+    out = array
+    aff = affine.copy()
+    for ax in axes:
+        out = np.flip(out, axis=ax)
+        n = array.shape[ax]
+        aff[:3, 3] = aff[:3, 3] + (n - 1) * aff[:3, ax]
+        aff[:3, ax] = -aff[:3, ax]
+    return np.ascontiguousarray(out), aff
+
+
+def rotate_affine(
+    affine: npt.NDArray[np.float64], degrees: float, axis: Sequence[float]
+) -> npt.NDArray[np.float64]:
+    """The affine rotated about its origin (an oblique acquisition of the same voxels)."""
+    u = np.asarray(axis, dtype=np.float64)
+    u = u / np.linalg.norm(u)
+    t = np.radians(degrees)
+    k = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    rot = np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+    out = affine.copy()
+    out[:3, :3] = rot @ affine[:3, :3]
+    return out
+
+
+def sphere(
+    shape: tuple[int, int, int], centre: Sequence[int], radius: float
+) -> npt.NDArray[np.bool_]:
+    kk, rr, cc = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    d2 = (kk - centre[0]) ** 2 + (rr - centre[1]) ** 2 + (cc - centre[2]) ** 2
+    return np.asarray(d2 <= radius * radius)
