@@ -62,4 +62,5 @@ if ((WANT_TEST)) && [[ -f tests/js/package.json ]]; then
         (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
     fi
 fi
+if ((WANT_TEST)) && [[ -f tests/ohif/package.json && ! -d tests/ohif/node_modules ]]; then (cd tests/ohif && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); fi
 echo "[bootstrap] ready"
