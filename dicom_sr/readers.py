@@ -465,7 +465,7 @@ def read_sr(source: str | Path | Dataset) -> SrRead:
         for item in getattr(ds, "ContentSequence", []):
             iname = _code(_first(item, "ConceptNameCodeSequence"))
             code = iname[0] if iname else ""
-            if item.ValueType == "TEXT" and code == "121012":  # Device Observer Name
+            if item.ValueType == "TEXT" and code == "121013":  # Device Observer Name
                 device = str(item.TextValue)
             if item.ValueType == "CONTAINER" and code == "126010":  # Imaging Measurements
                 for sub in getattr(item, "ContentSequence", []):

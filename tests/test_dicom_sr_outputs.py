@@ -1,0 +1,302 @@
+"""All output objects for one CT case: validity (dciodvfy, dcentvfy, dsrdump),
+content read back, deterministic UIDs and consistent references."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from dicom_sr import OutputOptions, build_all, output_uid, read_seg, read_sr
+from dicom_sr.testing import findings_from_masks, sphere
+from models.findings import ClinicalValue, Findings
+from models.nifti import load_nifti_krc
+from models.series_writer import SeriesInfo, write_series
+from models.vocab import Disease, LesionKind, Organ, SubSite
+
+MARK = "NOT FOR CLINICAL USE"
+# dcentvfy warnings we accept (docs/dicom-outputs.md, "Known warnings").
+KNOWN_DCENTVFY = (
+    "Different information entities for attribute - Element=<AccessionNumber> IE <Series> "
+    "versus <Study>",
+)
+KNOWN_DCIODVFY = ("Unrecognized defined term <99HPB>",)
+
+
+@dataclasses.dataclass
+class Case:
+    source_paths: list[Path]
+    sources: list[Dataset]
+    findings: Findings
+    objects: list[tuple[str, Dataset]]
+    paths: dict[str, list[Path]]
+
+
+def build_case(shared_data: Path, out: Path, version: str = "0.1.0-test") -> Case:
+    d = shared_data / "ct_abdomen_3mm"
+    ct, aff = load_nifti_krc(d / "ct.nii.gz")
+    organs: dict[Organ, npt.NDArray[np.bool_]] = {}
+    for organ in (Organ.LIVER, Organ.PANCREAS, Organ.GALLBLADDER, Organ.SPLEEN):
+        m, _ = load_nifti_krc(d / "labels" / f"{organ.value}.nii.gz")
+        organs[organ] = m > 0
+    liver_idx = np.argwhere(organs[Organ.LIVER])
+    les1 = sphere(ct.shape, liver_idx[len(liver_idx) // 3], 3.5) & organs[Organ.LIVER]
+    les2 = sphere(ct.shape, liver_idx[2 * len(liver_idx) // 3], 2.2) & organs[Organ.LIVER]
+    paths = write_series(ct, aff, out / "ct", info=SeriesInfo(), seed="outputs")
+    sources = [pydicom.dcmread(p) for p in paths]
+    findings = findings_from_masks(
+        organs,
+        [
+            (Organ.LIVER, LesionKind.MASS, les1, SubSite.COUINAUD_VII),
+            (Organ.LIVER, LesionKind.CYST, les2, SubSite.COUINAUD_IVB),
+        ],
+        aff,
+        [str(ds.SOPInstanceUID) for ds in sources],
+        str(sources[0].SeriesInstanceUID),
+        image=ct,
+        pipeline_version=version,
+        diagnoses=[(Disease.HCC, 0.62), (Disease.SIMPLE_CYST, 0.3), (Disease.CIRRHOSIS, 0.08)],
+        clinical_used=[
+            ClinicalValue("AFP", "1834-1", 85.0, "ng/mL", source="synthetic"),
+            ClinicalValue("ALBUMIN", "1751-7", 3.1, "g/dL", source="synthetic"),
+        ],
+        clinical_missing=["CA19-9", "INR"],
+    )
+    objects = build_all(findings, sources[::-1], OutputOptions(pipeline_version=version))
+    written: dict[str, list[Path]] = {}
+    for i, (kind, ds) in enumerate(objects):
+        p = out / f"{i:02d}_{kind}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        written.setdefault(kind, []).append(p)
+    return Case(paths, sources, findings, objects, written)
+
+
+@pytest.fixture(scope="module")
+def case(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return build_case(shared_data, tmp_path_factory.mktemp("outputs"))
+
+
+def _run(*cmd: str) -> str:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    return res.stdout + res.stderr
+
+
+def test_every_object_passes_dciodvfy(case: Case) -> None:
+    assert sorted(case.paths) == ["ko", "pdf", "sc", "seg", "sr"]
+    assert len(case.paths["sc"]) == 2  # one per lesion
+    for paths in case.paths.values():
+        for p in paths:
+            out = _run("dciodvfy", str(p))
+            errors = [line for line in out.splitlines() if "Error" in line]
+            assert errors == [], f"{p.name}: {errors}"
+            warnings = [line for line in out.splitlines() if line.startswith("Warning")]
+            unexpected = [
+                w
+                for w in warnings
+                if not any(k in w for k in KNOWN_DCIODVFY) and "Laterality" not in w
+            ]
+            assert unexpected == [], f"{p.name}: {unexpected}"
+
+
+def test_dcentvfy_is_consistent_across_source_and_outputs(case: Case) -> None:
+    files = [str(p) for p in case.source_paths] + [str(p) for ps in case.paths.values() for p in ps]
+    out = _run("dcentvfy", *files)
+    problems = [
+        line
+        for line in out.splitlines()
+        if line.strip() and not any(k in line for k in KNOWN_DCENTVFY)
+    ]
+    assert problems == []
+
+
+def test_dsrdump_parses_the_sr(case: Case) -> None:
+    (sr_path,) = case.paths["sr"]
+    res = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "Imaging Measurement Report" in res.stdout
+    assert "Comprehensive 3D SR" in res.stdout
+    (ko_path,) = case.paths["ko"]
+    res = subprocess.run(["dsrdump", str(ko_path)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and "Of Interest" in res.stdout
+
+
+def test_sr_content_reads_back(case: Case) -> None:
+    (sr_path,) = case.paths["sr"]
+    sr = read_sr(sr_path)
+    f = case.findings
+    assert sr.template == "1500"
+    assert sr.device_name == "hpb-test-model 0.0-test"
+    organs = {
+        g.tracking_id: g
+        for g in sr.groups
+        if g.finding_type and g.tracking_id in ("Liver", "Pancreas", "Gallbladder", "Spleen")
+    }
+    assert set(organs) == {"Liver", "Pancreas", "Gallbladder", "Spleen"}
+    liver = f.organ(Organ.LIVER)
+    assert liver is not None and liver.mean_intensity is not None
+    vol = organs["Liver"].measurement("Volume")
+    assert vol is not None and vol.value == pytest.approx(liver.volume_ml)
+    assert vol.unit is not None and vol.unit[0] == "ml"
+    mean = organs["Liver"].measurement("Mean Attenuation Coefficient")
+    assert mean is not None and mean.value == pytest.approx(liver.mean_intensity)
+    assert organs["Liver"].measurement("Standard Deviation of Attenuation Coefficient")
+
+    (seg_path,) = case.paths["seg"]
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    volumetric = [
+        g for g in sr.groups if g.referenced_segment and g.tracking_id.startswith("Lesion")
+    ]
+    planar = [g for g in sr.groups if g.is_planar]
+    assert len(volumetric) == len(planar) == len(f.lesions) == 2
+    for les, vg, pg in zip(f.lesions, volumetric, planar, strict=True):
+        assert vg.tracking_uid == pg.tracking_uid  # same lesion, same tracking UID
+        assert vg.referenced_segment is not None
+        assert vg.referenced_segment[0] == seg.SOPInstanceUID
+        seg_item = seg.SegmentSequence[vg.referenced_segment[1] - 1]
+        assert seg_item.TrackingUID == vg.tracking_uid
+        sites = [s[0] for s in vg.finding_sites]
+        assert sites[0] == "10200004"  # liver
+        assert sites[1] in ("277961009", "277958008")  # Couinaud VII / IV
+        la = vg.measurement("Long Axis")
+        sa = vg.measurement("Short Axis")
+        assert la is not None and la.value == pytest.approx(les.long_axis.length_mm)
+        assert sa is not None and sa.value == pytest.approx(les.short_axis.length_mm)
+        ((name, centroid),) = vg.scoord3d
+        assert name[0] == "128138"
+        assert np.allclose(centroid.points[0], les.centroid_lps, atol=1e-3)
+        # planar group: both axes as 2-point polylines on the key-slice source image
+        key_uid = f.provenance.input_sop_uids[les.key_slice]
+        for axis_name, axis in (("Long Axis", les.long_axis), ("Short Axis", les.short_axis)):
+            m = pg.measurement(axis_name)
+            assert m is not None and m.value == pytest.approx(axis.length_mm)
+            (sc,) = m.scoords
+            assert sc.graphic_type == "POLYLINE" and sc.points.shape == (2, 2)
+            assert sc.referenced_sop_uid == key_uid
+            assert np.allclose(sc.points[0], [axis.start[2] + 0.5, axis.start[1] + 0.5])
+        assert pg.regions and pg.regions[0].referenced_sop_uid == key_uid
+        assert np.array_equal(pg.regions[0].points[0], pg.regions[0].points[-1])  # closed
+
+    dx = {g.finding_type[2]: g for g in sr.groups if g.tracking_id.startswith("diagnosis")}
+    hcc = dx["Hepatocellular carcinoma"]
+    prob = hcc.measurement("Probability")
+    assert prob is not None and prob.value == pytest.approx(0.62)
+    assert hcc.evaluations and hcc.evaluations[0][1][0] == "25370001"
+
+    (clinical,) = [g for g in sr.groups if g.tracking_id == "clinical inputs"]
+    afp = next(m for m in clinical.measurements if m.name[0] == "1834-1")
+    assert afp.name[1] == "LN" and afp.value == 85.0 and afp.unit is not None
+    assert afp.unit[:2] == ("ng/mL", "UCUM")
+    missing = {name[2]: value[0] for name, value in clinical.evaluations}
+    assert set(missing.values()) == {"261665006"} and len(missing) == 2
+
+    assert MARK in sr.findings_text and "Lesion 1" in sr.findings_text
+    assert "hepatocellular carcinoma" in sr.impression_text
+
+
+def test_seg_reads_back_on_source_grid(case: Case) -> None:
+    (seg_path,) = case.paths["seg"]
+    got = read_seg(seg_path, list(case.findings.provenance.input_sop_uids))
+    for organ in case.findings.organs:
+        info = got.segment(organ.organ.value.capitalize())
+        assert np.array_equal(got.masks[info.number], organ.mask)
+
+
+def test_references_and_uids_are_consistent(case: Case) -> None:
+    kinds = {kind: ds for kind, ds in case.objects if kind != "sc"}
+    scs = [ds for kind, ds in case.objects if kind == "sc"]
+    src = case.sources[0]
+    series = {str(ds.SeriesInstanceUID) for _, ds in case.objects}
+    assert len(series) == 5 and str(src.SeriesInstanceUID) not in series  # one per kind
+    for _, ds in case.objects:
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.PatientID == src.PatientID and ds.PatientName == src.PatientName
+        assert ds.AccessionNumber == src.AccessionNumber
+        assert MARK in ds.SeriesDescription
+    p = case.findings.provenance
+    assert kinds["seg"].SeriesInstanceUID == output_uid(p.input_series_uid, "0.1.0-test", "seg")
+    # SR evidence names the SEG and the source images
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in kinds["sr"].CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
+    assert str(kinds["seg"].SOPInstanceUID) in evidence
+    assert set(p.input_sop_uids) <= evidence
+    # PDF points at the SR; KO lists key slices and SC images; SC references its source
+    assert (
+        kinds["pdf"].SourceInstanceSequence[0].ReferencedSOPInstanceUID
+        == kinds["sr"].SOPInstanceUID
+    )
+    ko_refs = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in kinds["ko"].CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
+    key_uids = {p.input_sop_uids[les.key_slice] for les in case.findings.lesions}
+    assert key_uids | {str(sc.SOPInstanceUID) for sc in scs} == ko_refs
+    for sc, les in zip(scs, case.findings.lesions, strict=True):
+        assert sc.BurnedInAnnotation == "YES"
+        assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == p.input_sop_uids[les.key_slice]
+        assert sc.PhotometricInterpretation == "RGB"
+        # the outline is burned in: lesion colour present in the pixels
+        assert (sc.pixel_array.reshape(-1, 3) == [255, 0, 200]).all(axis=1).any() or (
+            sc.pixel_array.reshape(-1, 3) == [83, 175, 221]
+        ).all(axis=1).any()
+
+
+def test_uids_are_deterministic(shared_data: Path, case: Case, tmp_path: Path) -> None:
+    again = build_case(shared_data, tmp_path / "again")
+    assert [str(ds.SOPInstanceUID) for _, ds in again.objects] == [
+        str(ds.SOPInstanceUID) for _, ds in case.objects
+    ]
+    other = build_case(shared_data, tmp_path / "v2", version="0.2.0-test")
+    assert not {str(ds.SOPInstanceUID) for _, ds in other.objects} & {
+        str(ds.SOPInstanceUID) for _, ds in case.objects
+    }
+    u = output_uid("1.2.3", "1.0", "seg")
+    assert len(u) <= 64 and u == output_uid("1.2.3", "1.0", "seg")
+    assert u != output_uid("1.2.3", "1.0", "sr") != output_uid("1.2.3", "1.0", "seg", "x")
+    assert all(part == "0" or not part.startswith("0") for part in u.split("."))
+
+
+def test_pdf_is_one_page_with_thumbnail_and_marking(case: Case) -> None:
+    (pdf_path,) = case.paths["pdf"]
+    ds = pydicom.dcmread(pdf_path)
+    data: bytes = ds.EncapsulatedDocument[: int(ds.EncapsulatedDocumentLength)]
+    assert data.startswith(b"%PDF")
+    assert b"/Count 1" in data and b"/Subtype /Image" in data
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert MARK in ds.DocumentTitle
+    unmarked = build_all(
+        case.findings,
+        case.sources,
+        OutputOptions(
+            pipeline_version="0.1.0-test", not_for_clinical_use=False, secondary_capture=False
+        ),
+    )
+    kinds = [k for k, _ in unmarked]
+    assert "sc" not in kinds
+    assert all(MARK not in str(ds.SeriesDescription) for _, ds in unmarked)
+
+
+def test_findings_without_voxels_still_give_a_pdf(case: Case) -> None:
+    f = case.findings
+    empty: Any = dataclasses.replace(
+        f,
+        organs=tuple(dataclasses.replace(o, mask=np.zeros_like(o.mask)) for o in f.organs),
+        lesions=(),
+        report=tuple(s for s in f.report if all(i.startswith("organ") for i in s.finding_ids)),
+        diagnoses=(),
+    )
+    kinds = [k for k, _ in build_all(empty, case.sources, OutputOptions(pipeline_version="1"))]
+    assert kinds == ["pdf"]
