@@ -1,0 +1,169 @@
+"""Report metrics: extraction rules, completeness/correctness, consistency,
+readability, and BLEU / ROUGE-L / METEOR against hand computation and nltk."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
+from nltk.translate.meteor_score import meteor_score as nltk_meteor
+
+from models.evaluation.text import (
+    ReportPair,
+    StructuredResult,
+    compare_findings,
+    consistency,
+    corpus_bleu,
+    evaluate_reports,
+    extract,
+    meteor,
+    readability,
+    rouge_l,
+    sentences,
+    syllables,
+    tokens,
+)
+from models.vocab import Disease
+
+REF = (
+    "FINDINGS: The liver is cirrhotic. A 23 mm mass in segment VII, suspicious for "
+    "hepatocellular carcinoma. No gallstones. IMPRESSION: HCC in a cirrhotic liver."
+)
+CAND = (
+    "Cirrhotic liver with a 2.2 cm mass in segment VII consistent with HCC. Gallstones are present."
+)
+
+
+class _NoSynonyms:
+    """Stands in for WordNet in nltk's METEOR so that only exact and stem matches count."""
+
+    def synsets(self, *args: object, **kwargs: object) -> list[object]:
+        return []
+
+
+def test_tokens_and_sentences() -> None:
+    assert tokens("A 2.3 cm lesion, segment IVa.") == ["a", "2.3", "cm", "lesion", "segment", "iva"]
+    assert sentences("Size 2.3 cm. No ascites!\nNormal spleen") == [
+        "Size 2.3 cm.",
+        "No ascites!",
+        "Normal spleen",
+    ]
+
+
+def test_extraction_rules() -> None:
+    f = extract(REF)
+    assert f.positive == {Disease.CIRRHOSIS, Disease.HCC}
+    assert f.negated == {Disease.CHOLELITHIASIS}
+    assert f.sizes_mm == (23.0,)
+    g = extract(
+        "Two lesions of 3.1 x 2.0 cm and 8 mm. Liver volume 1500 ml. No evidence of pancreatitis, but IPMN."
+    )
+    assert g.sizes_mm == (31.0, 8.0)
+    assert g.negated == {Disease.PANCREATITIS}
+    assert g.positive == {Disease.PANCREATIC_CYSTIC_LESION}
+    # negation only within its clause
+    h = extract("No ascites, hepatic steatosis.")
+    assert h.positive == {Disease.STEATOSIS}
+
+
+def test_completeness_correctness_contradiction() -> None:
+    r = compare_findings(CAND, REF)
+    # reference items: cirrhosis, HCC, 23 mm -> all found (22 mm within 2 mm)
+    assert r["completeness"] == pytest.approx(1.0)
+    # candidate items: cirrhosis, HCC, cholelithiasis, 22 mm -> 3 supported of 4
+    assert r["correctness"] == pytest.approx(3 / 4)
+    assert r["contradictions"] == ["cholelithiasis"]
+    empty = compare_findings("Normal study.", "Normal study.")
+    assert math.isnan(empty["completeness"]) and math.isnan(empty["correctness"])
+
+
+def test_consistency_with_structured_results() -> None:
+    s = StructuredResult(frozenset({Disease.HCC, Disease.CIRRHOSIS}), (22.4,))
+    ok = consistency("Cirrhotic liver. A 22 mm HCC in segment VII.", s)
+    assert ok["score"] == 1.0 and ok["problems"] == []
+    bad = consistency("A 35 mm HCC. Pancreatitis.", s)
+    # checks: HCC ok, cirrhosis missing, pancreatitis unsupported, 22.4 missing, 35 extra
+    assert bad["checks"] == 5
+    assert bad["score"] == pytest.approx(1 / 5)
+    assert len(bad["problems"]) == 4
+
+
+def test_readability_hand_computed() -> None:
+    words = ("liver", "the", "normal", "lesion", "cm", "size", "table", "segment")
+    assert [syllables(w) for w in words] == [2, 1, 2, 2, 1, 1, 2, 2]
+    assert syllables("pancreas") == 2  # a heuristic: vowel groups (true count 3), documented
+    r = readability("The liver is large. The spleen is normal.")
+    # 8 words, 2 sentences, syllables 1+2+1+1 + 1+1+1+2 = 10
+    assert r["mean_sentence_words"] == 4.0
+    assert r["flesch_kincaid_grade"] == pytest.approx(0.39 * 4 + 11.8 * 10 / 8 - 15.59)
+    assert r["flesch_reading_ease"] == pytest.approx(206.835 - 1.015 * 4 - 84.6 * 10 / 8)
+    assert math.isnan(readability("")["flesch_kincaid_grade"])
+
+
+def test_bleu_matches_nltk() -> None:
+    cands = [CAND, "the pancreas is normal in size and shape"]
+    refs = [REF, "the pancreas is normal in size"]
+    for n in (1, 2, 3, 4):
+        weights = tuple([1.0 / n] * n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nltk warns about zero n-gram counts
+            expected = nltk_corpus_bleu(
+                [[tokens(r)] for r in refs], [tokens(c) for c in cands], weights=weights
+            )
+        assert corpus_bleu(cands, refs, n) == pytest.approx(expected, abs=1e-12)
+    # hand case: identical -> 1; brevity penalty for a short exact prefix
+    assert corpus_bleu(["a b c d e"], ["a b c d e"]) == pytest.approx(1.0)
+    assert corpus_bleu(["a b c d"], ["a b c d e f g h"]) == pytest.approx(math.exp(1 - 8 / 4))
+    assert corpus_bleu(["x y z"], ["a b c"]) == 0.0
+
+
+def test_rouge_l_hand_computed() -> None:
+    # LCS of "a b c d e" and "a x c e" is "a c e" = 3; P = 3/4, R = 3/5
+    p, r = 3 / 4, 3 / 5
+    assert rouge_l("a x c e", "a b c d e") == pytest.approx(2 * p * r / (p + r))
+    assert rouge_l("", "a") == 0.0
+
+
+def test_meteor_matches_nltk_without_synonyms() -> None:
+    # pairs without repeated words: the alignment is unique, so the scores must agree
+    pairs = [
+        (
+            "a 2.2 cm mass consistent with hcc",
+            "a 23 mm mass suspicious for hepatocellular carcinoma",
+        ),
+        (
+            "the lesions were enhancing in the arterial phase",
+            "an enhancing lesion in arterial phase",
+        ),
+        ("normal pancreas", "pancreas is normal"),
+    ]
+    for c, r in pairs:
+        expected = nltk_meteor([tokens(r)], tokens(c), wordnet=_NoSynonyms())  # type: ignore[arg-type]
+        assert meteor(c, r) == pytest.approx(expected, abs=1e-9)
+    # with repeated words alignments differ: ours prefers continuing a chunk, so it
+    # never has more chunks than nltk's right-to-left greedy alignment here
+    theirs = nltk_meteor([tokens(REF)], tokens(CAND), wordnet=_NoSynonyms())  # type: ignore[arg-type]
+    assert meteor(CAND, REF) >= theirs
+    # hand case: stems match ("lesions"~"lesion"), 2 of 2 matched, 1 chunk
+    fmean = 1.0
+    assert meteor("enhancing lesions", "enhancing lesion") == pytest.approx(
+        fmean * (1 - 0.5 * (1 / 2) ** 3)
+    )
+    assert meteor("abc", "xyz") == 0.0
+
+
+def test_evaluate_reports_summary() -> None:
+    out = evaluate_reports(
+        [
+            ReportPair("1", CAND, REF, StructuredResult(frozenset({Disease.HCC}), (22.0,))),
+            ReportPair("2", REF, REF),
+        ]
+    )
+    s = out["summary"]
+    assert s["n"] == 2
+    assert s["completeness"] == pytest.approx(1.0)
+    assert s["correctness"] == pytest.approx((3 / 4 + 1) / 2)
+    assert 0 < s["bleu"]["bleu4"] < 1 and s["rouge_l"] > 0
+    assert "consistency" in s and len(out["per_case"]) == 2
