@@ -68,7 +68,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         out.append(f"{c},hepatocellular_carcinoma,{prob[c]}")
         out.append(f"{c},cirrhosis,{0.9 if c == 'c1' else 0.2}")
     (res / "diagnoses.csv").write_text("\n".join(out) + "\n")
-    for i, c in enumerate(CASES):
+    for c in CASES:
         _write_case(ref, c, 0)
         _write_case(res, c, 1 if c == "c2" else 0, flip=(c == "c3"))
     (res / "lesions.csv").write_text("case_id,lesion,confidence\nc1,1,0.9\nc2,1,0.4\nc2,2,0.8\n")
