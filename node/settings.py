@@ -87,6 +87,32 @@ class ExportSettings(_Section):
     not_for_clinical_use: bool = True
 
 
+class ClinicalSettings(_Section):
+    """Clinical data sources (FHIR, HL7 MLLP, file import) and study linking."""
+
+    fhir_base_url: str | None = None  # None: no FHIR look-ups
+    fhir_timeout_s: float = Field(default=10.0, gt=0)
+    # DICOM IssuerOfPatientID -> FHIR Patient.identifier system ("" = no issuer)
+    fhir_identifier_systems: dict[str, str] = Field(default_factory=dict)
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = Field(default=2575, ge=0, le=65535)
+    timezone: str = "UTC"  # for HL7 / CSV times without a UTC offset
+    days_before: float = Field(default=30.0, gt=0)  # lab window before the study
+    hours_after: float = Field(default=24.0, ge=0)  # ... and after it
+    allow_missing_issuer: bool = False
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as Europe/Berlin)") from None
+        return v
+
+
 class Settings(_Section):
     demo: bool = True
     rules_file: Path | None = None
@@ -98,6 +124,7 @@ class Settings(_Section):
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    clinical: ClinicalSettings = Field(default_factory=ClinicalSettings)
 
     def check_secrets(self) -> None:
         """Refuse to run outside demo mode with the demo admin token."""
