@@ -124,6 +124,12 @@ class Series(Base):
     completed_at: Mapped[datetime | None] = mapped_column(nullable=True)
     purged_at: Mapped[datetime | None] = mapped_column(nullable=True)
     routing_note: Mapped[str] = mapped_column(Text, default="")  # why rules matched or not
+    # Set by ingest from the first instance; an instance with other dimensions, or a
+    # CT/MR image without ImagePositionPatient, is stored but noted in ingest_issues
+    # (one reason per line): the volume loader refuses a series with issues.
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ingest_issues: Mapped[str] = mapped_column(Text, default="")
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 

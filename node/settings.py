@@ -30,6 +30,7 @@ class IngestSettings(_Section):
     allowed_calling_aes: list[str] = Field(default_factory=list)  # empty: any AE
     max_associations: int = Field(default=8, ge=1)
     max_pdu: int = Field(default=131072, ge=0)
+    max_instance_mb: int = Field(default=2048, ge=1)  # larger instances: Out of Resources
 
     @field_validator("ae_title")
     @classmethod
