@@ -12,7 +12,12 @@ from node.errors import NodeError
 
 # Each module here defines ``register(subparsers)`` adding its sub-command(s);
 # a sub-command sets ``func(args) -> int`` with ``set_defaults``.
-COMMAND_MODULES: tuple[str, ...] = ("node.cli_train", "node.cli_synth", "node.cli_evaluate")
+COMMAND_MODULES: tuple[str, ...] = (
+    "node.cli_train",
+    "node.cli_synth",
+    "node.cli_evaluate",
+    "node.cli_clinical",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
