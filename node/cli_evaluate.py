@@ -28,6 +28,7 @@ from models.evaluation import (
     write_outputs,
 )
 from models.evaluation.dataset import (
+    VOLUME_UNITS_ML,
     DatasetError,
     SRContent,
     is_lesion_label,
@@ -84,7 +85,13 @@ def sr_reader(path: Path) -> SRContent:
     except DicomOutputError as exc:
         raise DatasetError(str(exc)) from exc
     diameters: list[float] = []
+    volumes: dict[str, float] = {}
     for g in sr.groups:
+        where = g.finding_sites[0][2] if g.finding_sites else g.tracking_id
+        for m in g.measurements:
+            factor = VOLUME_UNITS_ML.get(m.unit[0] if m.unit else "")
+            if m.name[2].lower() == "volume" and factor is not None:
+                volumes.setdefault(structure_name(where or "volume"), m.value * factor)
         best = 0.0
         for m in g.measurements:
             meaning = m.name[2].lower()
@@ -95,7 +102,7 @@ def sr_reader(path: Path) -> SRContent:
         if best > 0:
             diameters.append(best)
     text = " ".join(t for t in (sr.findings_text, sr.impression_text) if t)
-    return SRContent(tuple(diameters), text)
+    return SRContent(tuple(diameters), text, tuple(volumes.items()))
 
 
 def _readers() -> dict[str, Any]:

@@ -236,6 +236,8 @@ class SRContent:
 
     lesion_diameters_mm: tuple[float, ...] = ()
     text: str = ""
+    # (structure name, volume in ml) of measurement groups that state a volume
+    volumes_ml: tuple[tuple[str, float], ...] = ()
 
 
 SegReader = Callable[[Path], CaseMasks]
@@ -243,8 +245,22 @@ SrReader = Callable[[Path], SRContent]
 
 
 def read_sr_content(path: Path) -> SRContent:
-    """The default SR reader: lesion diameters from NUM items (no report text)."""
-    return SRContent(tuple(sr_lesion_diameters_mm(read_sr_measurements(path))))
+    """The default SR reader: lesion diameters and volumes from NUM items (no report text)."""
+    ms = read_sr_measurements(path)
+    return SRContent(tuple(sr_lesion_diameters_mm(ms)), "", sr_volumes_ml(ms))
+
+
+VOLUME_UNITS_ML = {"ml": 1.0, "mL": 1.0, "cm3": 1.0, "mm3": 0.001, "l": 1000.0}
+
+
+def sr_volumes_ml(measurements: Iterable[SRMeasurement]) -> tuple[tuple[str, float], ...]:
+    """One volume (ml) per measurement group, named by its tracking identifier."""
+    found: dict[str, float] = {}
+    for m in measurements:
+        factor = VOLUME_UNITS_ML.get(m.unit)
+        if m.name.lower() == "volume" and factor is not None:
+            found.setdefault(structure_name(m.group or "volume"), m.value * factor)
+    return tuple(found.items())
 
 
 def sr_lesion_diameters_mm(measurements: Iterable[SRMeasurement]) -> list[float]:
@@ -363,6 +379,7 @@ class EvaluationSet:
     masks: dict[str, CaseMasks] = field(default_factory=dict)
     reports: dict[str, str] = field(default_factory=dict)
     structured: dict[str, StructuredResult] = field(default_factory=dict)  # results only
+    sr_volumes_ml: dict[str, dict[str, float]] = field(default_factory=dict)  # results only
     images: dict[str, Path] = field(default_factory=dict)
     source: str = ""
 
@@ -413,6 +430,7 @@ def load_set(
             for f in sorted(case.glob("*.dcm")):
                 content = (sr_reader or read_sr_content)(f)
                 diam += content.lesion_diameters_mm
+                out.sr_volumes_ml.setdefault(case.name, {}).update(dict(content.volumes_ml))
                 if content.text:
                     texts.append(content.text)
             probs = {d: p for (c, d), p in out.probabilities.items() if c == case.name}

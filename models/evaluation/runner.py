@@ -313,6 +313,33 @@ def summary_figures(result: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def structured_results(ref: EvaluationSet, res: EvaluationSet) -> dict[str, Any]:
+    """What the results' SRs state, checked against the results' own masks and the
+    reference: each stated volume beside the volume of the mask of the same structure."""
+    out: dict[str, Any] = {}
+    for case_id in sorted(set(res.structured) | set(res.sr_volumes_ml)):
+        entry: dict[str, Any] = {}
+        st = res.structured.get(case_id)
+        if st is not None:
+            entry["lesion_diameters_mm"] = list(st.lesion_diameters_mm)
+        vols = []
+        masks = res.masks.get(case_id)
+        refm = ref.masks.get(case_id)
+        for name, ml in sorted(res.sr_volumes_ml.get(case_id, {}).items()):
+            row: dict[str, Any] = {"structure": name, "sr_ml": ml}
+            if masks is not None and name in masks.structures:
+                vox = float(abs(np.linalg.det(masks.affine[:3, :3]))) / 1000.0
+                row["mask_ml"] = float(masks.structures[name].sum()) * vox
+                row["sr_minus_mask_ml"] = ml - row["mask_ml"]
+            if refm is not None and name in refm.structures:
+                vox = float(abs(np.linalg.det(refm.affine[:3, :3]))) / 1000.0
+                row["reference_ml"] = float(refm.structures[name].sum()) * vox
+            vols.append(row)
+        entry["volumes"] = vols
+        out[case_id] = entry
+    return out
+
+
 def evaluate(ref: EvaluationSet, res: EvaluationSet, opt: Options | None = None) -> dict[str, Any]:
     opt = opt or Options()
     result: dict[str, Any] = {
@@ -323,6 +350,7 @@ def evaluate(ref: EvaluationSet, res: EvaluationSet, opt: Options | None = None)
         "diagnosis": evaluate_diagnoses(ref, res, opt),
         "segmentation": evaluate_segmentation(ref, res, opt) if ref.masks else {},
         "report": evaluate_report_texts(ref, res, opt),
+        "structured_results": structured_results(ref, res),
     }
     result["summary"] = summary_figures(result)
     return result
