@@ -181,7 +181,8 @@ class Bundle:
 
     @property
     def lesion_channel(self) -> int:
-        return next(ch for ch, name in self.labels.items() if name == LESION_LABEL)
+        """The lesion channel, or -1 for a model without one (e.g. an organ-only zoo bundle)."""
+        return next((ch for ch, name in self.labels.items() if name == LESION_LABEL), -1)
 
     def network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """Instantiate the network, load the weights, put it in eval mode on ``device``."""

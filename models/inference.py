@@ -221,7 +221,11 @@ def postprocess(
         m = labels == ch
         if m.any():
             out[_largest_component(m)] = ch
-    lesion = labels == bundle.lesion_channel
+    lesion = (
+        labels == bundle.lesion_channel
+        if bundle.lesion_channel >= 0
+        else np.zeros(labels.shape, dtype=bool)
+    )
     comp, n = ndimage.label(lesion, structure=_STRUCT26)
     instances = np.zeros(labels.shape, dtype=np.int32)
     organs: dict[int, Organ] = {}
@@ -255,7 +259,27 @@ def postprocess(
     return out, instances, organs, conf
 
 
+def _bundle_axes(bundle: Bundle) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]] | None:
+    """Permutation/flips from the canonical (S, P, L) axes to the bundle's array axes
+    (``extra["axcodes"]``, e.g. "RAS" for MONAI Model Zoo bundles); None for the node's own."""
+    codes = str(bundle.extra.get("axcodes", "SPL")).upper()
+    if codes == "SPL":
+        return None
+    canonical = ("S", "P", "L")
+    opposite = {"S": "I", "P": "A", "L": "R", "I": "S", "A": "P", "R": "L"}
+    perm = [next(i for i, c in enumerate(canonical) if ch in (c, opposite[c])) for ch in codes]
+    flips = [ch not in canonical for ch in codes]
+    return (perm[0], perm[1], perm[2]), (flips[0], flips[1], flips[2])
+
+
 def _predict(x: torch.Tensor, net: torch.nn.Module, bundle: Bundle, device: str) -> torch.Tensor:
+    axes = _bundle_axes(bundle)
+    if axes is not None:
+        perm, flips = axes
+        x = x.permute(0, 1, *(2 + p for p in perm))
+        dims = [2 + i for i, f in enumerate(flips) if f]
+        if dims:
+            x = torch.flip(x, dims)
     with torch.inference_mode():
         logits = sliding_window_inference(
             x.to(device),
@@ -268,6 +292,13 @@ def _predict(x: torch.Tensor, net: torch.nn.Module, bundle: Bundle, device: str)
             device="cpu",
         )
     assert isinstance(logits, torch.Tensor)
+    if axes is not None:
+        perm, flips = axes
+        dims = [2 + i for i, f in enumerate(flips) if f]
+        if dims:
+            logits = torch.flip(logits, dims)
+        inverse = [perm.index(i) for i in range(3)]
+        logits = logits.permute(0, 1, *(2 + p for p in inverse))
     return torch.softmax(logits[0].float(), dim=0)
 
 
@@ -290,7 +321,11 @@ def segment_array(
     del x
     conf_max, labels_t = probs.max(dim=0)
     labels = labels_t.numpy().astype(np.uint8)
-    lesion_prob = probs[bundle.lesion_channel].numpy().astype(np.float32)
+    lesion_prob = (
+        probs[bundle.lesion_channel].numpy().astype(np.float32)
+        if bundle.lesion_channel >= 0
+        else np.zeros(labels.shape, dtype=np.float32)
+    )
     organ_conf_all = conf_max.numpy()
     del probs
     voxel_ml = float(np.prod(bundle.spacing_mm)) / 1000.0
