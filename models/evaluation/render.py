@@ -64,7 +64,7 @@ def plot_roc(diag: dict[str, Any]) -> str | None:
     for d, e in per.items():
         auc = e["auroc"]["value"]
         label = f"{d} (AUROC {auc:.2f})" if not math.isnan(auc) else f"{d} (one class)"
-        ax.plot(e["roc"]["fpr"], e["roc"]["tpr"], drawstyle="steps-post", label=label)
+        ax.plot(e["roc"]["fpr"], e["roc"]["tpr"], label=label)  # ties: straight segments
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(
         xlabel="1 - specificity",
