@@ -364,7 +364,8 @@ def _scoord(item: Dataset) -> Scoord:
     data = np.asarray([float(v) for v in item.GraphicData], dtype=np.float64)
     three_d = item.ValueType == "SCOORD3D"
     pts = data.reshape(-1, 3 if three_d else 2)
-    sop, frames = "", ()
+    sop = ""
+    frames: tuple[int, ...] = ()
     for child in getattr(item, "ContentSequence", []):
         if child.ValueType == "IMAGE" and "ReferencedSOPSequence" in child:
             ref = child.ReferencedSOPSequence[0]

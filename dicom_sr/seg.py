@@ -155,7 +155,7 @@ def _descriptions(
             display_color=hd.color.CIELabColor.from_rgb(*s.rgb),
         )
         if s.modifier is not None:
-            d.SegmentedPropertyTypeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            d.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 s.modifier
             ]
         out.append(d)
@@ -209,7 +209,7 @@ def _pixel_array(
                 break
         del count
     if labelmap or not overlap:
-        labels = np.zeros((nframes, shape[1], shape[2]), dtype=label_dtype)
+        labels: npt.NDArray[np.generic] = np.zeros((nframes, shape[1], shape[2]), dtype=label_dtype)
         for s in specs:  # organs first, lesions painted over them
             place(labels, s.mask, s.number)
         return labels, images

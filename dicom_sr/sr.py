@@ -286,7 +286,7 @@ def _text_container(findings: Findings, opts: OutputOptions) -> hd.sr.ContainerC
                 codes.CLINICAL_INPUTS, "; ".join(strings), hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
-    container.ContentSequence = items
+    container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
 
