@@ -268,7 +268,7 @@ _UNIT_SPELLINGS = {
 
 def canonical_unit_string(unit: str) -> str:
     """Common non-UCUM spellings (µmol/l, x10^9/L, IU/L) mapped to UCUM."""
-    u = unit.strip()
+    u = unit.strip().replace("µ", "u").replace("μ", "u")
     return _UNIT_SPELLINGS.get(u, _UNIT_SPELLINGS.get(u.lower(), u))
 
 
