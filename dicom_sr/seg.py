@@ -162,8 +162,17 @@ def _descriptions(
     return out
 
 
+def _overlaps(specs: Sequence[SegmentSpec]) -> bool:
+    if len(specs) < 2:
+        return False
+    count = np.zeros(specs[0].mask.shape, dtype=np.uint8)
+    for s in specs:
+        np.add(count, s.mask, out=count, casting="unsafe")
+    return bool(count.max() > 1)
+
+
 def _pixel_array(
-    specs: Sequence[SegmentSpec], series: SourceSeries, labelmap: bool
+    specs: Sequence[SegmentSpec], series: SourceSeries, stack: bool
 ) -> tuple[npt.NDArray[np.generic], list[Dataset]]:
     """The array highdicom encodes, and the source images its frames lie on.
 
@@ -199,24 +208,58 @@ def _pixel_array(
                 if plane.any():
                     out[index[k]][plane] = value
 
-    overlap = False
-    if not labelmap and nseg > 1:
-        count = np.zeros(shape, dtype=np.uint8)
-        for s in specs:
-            count += s.mask
-            if count.max() > 1:
-                overlap = True
-                break
-        del count
-    if labelmap or not overlap:
+    if not stack:
         labels: npt.NDArray[np.generic] = np.zeros((nframes, shape[1], shape[2]), dtype=label_dtype)
         for s in specs:  # organs first, lesions painted over them
             place(labels, s.mask, s.number)
         return labels, images
-    stack = np.zeros((nframes, shape[1], shape[2], nseg), dtype=bool)
+    dense = np.zeros((nframes, shape[1], shape[2], nseg), dtype=bool)
     for j, s in enumerate(specs):
-        place(stack[..., j], s.mask, 1)
-    return stack, images
+        place(dense[..., j], s.mask, 1)
+    return dense, images
+
+
+def _restore_overlap(seg: Dataset, specs: Sequence[SegmentSpec], series: SourceSeries) -> bool:
+    """Re-encode the frames of a SEG built from a painted label map with the full masks.
+
+    The label map hides the organ voxels under each lesion; every frame keeps its
+    segment and source reference, so re-packing each frame from the segment's own
+    mask restores the overlap without a dense (frames x rows x cols x segments)
+    array. Returns False (nothing changed) when some segment has a plane whose
+    voxels are all covered by later segments: that frame is missing, and the
+    caller falls back to the dense encoding.
+    """
+    by_number = {s.number: s for s in specs}
+    where: dict[tuple[str, int | None], int] = {}
+    for k, sl in enumerate(series.slices):
+        where[(str(sl.dataset.SOPInstanceUID), sl.frame_number)] = k
+    frames: list[tuple[int, int]] = []
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        src = item.DerivationImageSequence[0].SourceImageSequence[0]
+        fn = int(src.ReferencedFrameNumber) if "ReferencedFrameNumber" in src else None
+        k = where.get((str(src.ReferencedSOPInstanceUID), fn if series.multiframe else None))
+        if k is None:
+            return False
+        frames.append((k, number))
+    present = set(frames)
+    for s in specs:
+        planes = np.flatnonzero(s.mask.any(axis=(1, 2)))
+        if any((int(k), s.number) not in present for k in planes):
+            return False
+    rows, cols = int(seg.Rows), int(seg.Columns)
+    if (rows * cols) % 8 == 0:
+        packed = b"".join(
+            np.packbits(by_number[n].mask[k], bitorder="little").tobytes() for k, n in frames
+        )
+    else:
+        bits = np.concatenate([by_number[n].mask[k].ravel() for k, n in frames])
+        packed = np.packbits(bits, bitorder="little").tobytes()
+    if len(packed) % 2:
+        packed += b"\x00"
+    seg.PixelData = packed
+    seg.SegmentsOverlap = "YES"
+    return True
 
 
 def build_seg(
@@ -244,35 +287,43 @@ def build_seg(
     specs = plan_segments(findings)
     if not specs:
         raise BuildError("no organ or lesion has any segmented voxel: nothing to put in a SEG")
-    array, images = _pixel_array(specs, series, opts.labelmap)
     src_series_uid = findings.provenance.input_series_uid
     seg_type = (
         hd.seg.SegmentationTypeValues.LABELMAP
         if opts.labelmap
         else hd.seg.SegmentationTypeValues.BINARY
     )
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=images,
-            pixel_array=array,
-            segmentation_type=seg_type,
-            segment_descriptions=_descriptions(specs, algorithm_identification(findings)),
-            series_instance_uid=output_uid(src_series_uid, opts.pipeline_version, "seg"),
-            series_number=opts.series_number_base + SERIES_OFFSETS["seg"],
-            sop_instance_uid=output_uid(src_series_uid, opts.pipeline_version, "seg", "1"),
-            instance_number=1,
-            manufacturer=opts.manufacturer,
-            manufacturer_model_name=opts.model_name,
-            software_versions=opts.pipeline_version[:64],
-            device_serial_number=opts.device_serial_number,
-            content_description=opts.describe("AI organ and lesion segmentation"),
-            content_label="HPB_AI_SEG",
-            content_creator_name="hpb-node^AI",
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            omit_empty_frames=True,
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise BuildError(f"SEG could not be built: {exc}") from exc
+    descriptions = _descriptions(specs, algorithm_identification(findings))
+
+    def encode(stack: bool) -> Dataset:
+        array, images = _pixel_array(specs, series, stack)
+        try:
+            return hd.seg.Segmentation(
+                source_images=images,
+                pixel_array=array,
+                segmentation_type=seg_type,
+                segment_descriptions=descriptions,
+                series_instance_uid=output_uid(src_series_uid, opts.pipeline_version, "seg"),
+                series_number=opts.series_number_base + SERIES_OFFSETS["seg"],
+                sop_instance_uid=output_uid(src_series_uid, opts.pipeline_version, "seg", "1"),
+                instance_number=1,
+                manufacturer=opts.manufacturer,
+                manufacturer_model_name=opts.model_name,
+                software_versions=opts.pipeline_version[:64],
+                device_serial_number=opts.device_serial_number,
+                content_description=opts.describe("AI organ and lesion segmentation"),
+                content_label="HPB_AI_SEG",
+                content_creator_name="hpb-node^AI",
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+                omit_empty_frames=True,
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise BuildError(f"SEG could not be built: {exc}") from exc
+
+    seg = encode(stack=False)
+    if not opts.labelmap and _overlaps(specs) and not _restore_overlap(seg, specs, series):
+        log.info("a segment plane is fully covered by others: dense SEG encoding used")
+        seg = encode(stack=True)
     copy_study_attributes(seg, series.first)
     seg.SeriesDescription = opts.describe("AI SEG organs+lesions")
     if opts.institution_name:

@@ -7,6 +7,7 @@ with our reader and with highdicom.
 
 from __future__ import annotations
 
+import logging
 import random
 import subprocess
 from collections.abc import Callable, Sequence
@@ -299,7 +300,9 @@ def test_real_ct_and_real_seg(shared_data: Path, tmp_path: Path) -> None:
 
 
 def test_enhanced_multiframe_source(
-    ct_case: tuple[npt.NDArray[Any], npt.NDArray[np.float64], Masks], tmp_path: Path
+    ct_case: tuple[npt.NDArray[Any], npt.NDArray[np.float64], Masks],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     ct, aff, masks = ct_case
     dss = write(ct, aff, tmp_path / "ct", seed="enhanced")
@@ -318,6 +321,7 @@ def test_enhanced_multiframe_source(
         frame_of[tuple(round(float(v), 3) for v in ipp)] = i
     frames = [frame_of[tuple(round(float(v), 3) for v in ds.ImagePositionPatient)] for ds in dss]
     uid = str(enhanced.SOPInstanceUID)
+    caplog.set_level(logging.INFO, logger="dicom_sr.seg")
     findings = findings_from_masks(
         {Organ.LIVER: masks["liver"], Organ.PANCREAS: masks["pancreas"]},
         [(Organ.LIVER, LesionKind.MASS, masks["lesion1"], None)],
@@ -327,6 +331,7 @@ def test_enhanced_multiframe_source(
     )
     path = roundtrip(findings, [enhanced], tmp_path, frame_numbers=frames)
     seg = pydicom.dcmread(path)
+    assert "dense" not in caplog.text  # overlap restored frame by frame
     ref = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
     assert ref.SourceImageSequence[0].ReferencedSOPInstanceUID == uid
     with pytest.raises(BuildError, match="frame_numbers are required"):
@@ -342,3 +347,44 @@ def test_rle_source_and_missing_instances(
     roundtrip(findings, dss, tmp_path)
     with pytest.raises(BuildError, match="not supplied"):
         build_seg(findings, dss[:-3], options=OutputOptions(pipeline_version="1"))
+
+
+def test_lesion_covering_a_whole_organ_plane(
+    ct_case: tuple[npt.NDArray[Any], npt.NDArray[np.float64], Masks],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An organ plane hidden entirely under a lesion still gets its own frame."""
+    ct, aff, masks = ct_case
+    dss = write(ct, aff, tmp_path / "ct", seed="covered")
+    top = int(np.flatnonzero(masks["liver"].any(axis=(1, 2)))[0])
+    covering = np.zeros_like(masks["liver"])
+    covering[top : top + 2] = masks["liver"][top : top + 2]
+    findings = make_findings({**masks, "lesion1": covering}, aff, dss)
+    with caplog.at_level(logging.INFO, logger="dicom_sr.seg"):
+        roundtrip(findings, dss, tmp_path)
+    assert "dense SEG encoding used" in caplog.text
+
+
+def test_kidney_segments_carry_laterality(
+    ct_case: tuple[npt.NDArray[Any], npt.NDArray[np.float64], Masks],
+    shared_data: Path,
+    tmp_path: Path,
+) -> None:
+    ct, aff, _ = ct_case
+    dss = write(ct, aff, tmp_path / "ct", seed="kidney")
+    kidneys = {}
+    for organ in (Organ.KIDNEY_LEFT, Organ.KIDNEY_RIGHT):
+        m, _ = load_nifti_krc(shared_data / "ct_abdomen_3mm" / "labels" / f"{organ.value}.nii.gz")
+        kidneys[organ] = m > 0
+    findings = findings_from_masks(
+        kidneys, [], aff, [str(d.SOPInstanceUID) for d in dss], str(dss[0].SeriesInstanceUID)
+    )
+    seg = build_seg(findings, dss, pipeline_version="0.1.0-test")
+    mods = [
+        s.SegmentedPropertyTypeCodeSequence[0]
+        .SegmentedPropertyTypeModifierCodeSequence[0]
+        .CodeValue
+        for s in seg.SegmentSequence
+    ]
+    assert mods == ["7771000", "24028007"]  # left, right
