@@ -1,0 +1,404 @@
+"""What the node knows about received instances: header parsing and database rows.
+
+:func:`parse_instance` reads the few attributes the node needs from the bytes
+of a DICOM file (no pixel decoding) and checks the structure a loader relies
+on; :func:`record_instance` creates or updates the Study, Series and Instance
+rows; :func:`reconcile_spool` re-records files a crash left without a row.
+
+A late instance for a series that is COMPLETE (or PURGED) sets it back to
+RECEIVING and increments ``Series.generation``; the stability sweep decides
+what the new completion means (``settings.scheduler.late_instances``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db import Instance, Rejection, Series, SeriesState, Study, utcnow
+from node.errors import IngestError, SpoolError
+from node.spool import Spool, is_valid_uid
+
+log = logging.getLogger(__name__)
+
+# -- DICOM status codes answered by ingest (C-STORE and STOW-RS FailureReason) ----
+STATUS_SUCCESS = 0x0000
+STATUS_PROCESSING_FAILURE = 0x0110  # the node could not store it (database, disk error)
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_RESOURCES = 0xA700  # spool below settings.spool.min_free_mb
+STATUS_TOO_LARGE = 0xA701  # instance above settings.ingest.max_instance_mb
+STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # missing pixel data, class differs from context
+STATUS_CANNOT_UNDERSTAND = 0xC000  # not parseable DICOM
+STATUS_INVALID_UID = 0xC001  # a required UID is missing or not of the UID grammar
+STATUS_TRUNCATED = 0xC002  # pixel data shorter than the header says
+STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC003
+STATUS_DUPLICATE_CONFLICT = 0xC010  # same SOP Instance UID, other content: first kept
+
+_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_PIXEL_DATA = 0x7FE00010
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes of one instance the node records (no pixel data)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    size: int
+    sha256: str  # of the data set after the file meta (what the sender encoded)
+    modality: str = ""
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    body_part_examined: str = ""
+    image_type: str = ""
+    slice_thickness: float | None = None
+    rows: int | None = None
+    columns: int | None = None
+    has_pixel_data: bool = False
+    has_position: bool = False
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)[:limit]
+    return str(value).strip()[:limit]
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip().rstrip("\x00")
+
+
+def _body_offset(data: bytes) -> int | None:
+    """Offset of the data set after a Part 10 preamble and file meta group (None if absent)."""
+    if len(data) < 144 or data[128:132] != b"DICM":
+        return None
+    if data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+        return None
+    (group_length,) = struct.unpack("<I", data[140:144])
+    offset = 144 + group_length
+    return offset if offset <= len(data) else None
+
+
+def _check_pixel_data(ds: Dataset, data: bytes, transfer_syntax: UID, sop: str) -> None:
+    elem = ds.get((0x7FE0, 0x0010))
+    if elem is None:
+        return
+    value = elem.value
+    length = len(value) if isinstance(value, bytes | bytearray) else 0
+    if transfer_syntax.is_encapsulated:
+        last_tag = int(max(ds.keys()))
+        if last_tag == _PIXEL_DATA and not data.endswith(_SEQ_DELIMITER):
+            raise IngestError(
+                f"instance {sop}: encapsulated pixel data ends without its delimiter"
+                " (file truncated)",
+                STATUS_TRUNCATED,
+            )
+        return
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (rows * cols * spp * frames * bits + 7) // 8
+    if length < expected:
+        raise IngestError(
+            f"instance {sop}: pixel data holds {length} bytes, the header describes"
+            f" {expected} (file truncated)",
+            STATUS_TRUNCATED,
+        )
+
+
+def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) -> InstanceHeader:
+    """The header of a Part 10 file in ``data``; IngestError (with the status) if unusable.
+
+    Pixel data is never decoded: its presence and its length (native) or
+    closing delimiter (encapsulated) are checked for classes in ``image_classes``.
+    """
+    offset = _body_offset(data)
+    if offset is None:
+        raise IngestError(
+            "not a DICOM Part 10 stream (no preamble, DICM prefix or file meta group length)",
+            STATUS_CANNOT_UNDERSTAND,
+        )
+    try:
+        ds = dcmread(BytesIO(data), force=False)
+        transfer_syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")).strip())
+        sop_class = _uid(ds, "SOPClassUID")
+        sop = _uid(ds, "SOPInstanceUID")
+        study = _uid(ds, "StudyInstanceUID")
+        series = _uid(ds, "SeriesInstanceUID")
+        thickness_raw = ds.get("SliceThickness")
+        rows = ds.get("Rows")
+        cols = ds.get("Columns")
+        fields: dict[str, Any] = {
+            "modality": _text(ds, "Modality", 16),
+            "patient_id": _text(ds, "PatientID", 64),
+            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
+            "accession_number": _text(ds, "AccessionNumber", 16),
+            "study_date": _text(ds, "StudyDate", 8),
+            "study_description": _text(ds, "StudyDescription", 64),
+            "series_description": _text(ds, "SeriesDescription", 64),
+            "body_part_examined": _text(ds, "BodyPartExamined", 64),
+            "image_type": _text(ds, "ImageType", 128),
+            "slice_thickness": float(thickness_raw) if thickness_raw not in (None, "") else None,
+            "rows": int(rows) if rows not in (None, "") else None,
+            "columns": int(cols) if cols not in (None, "") else None,
+            "has_pixel_data": "PixelData" in ds or "FloatPixelData" in ds,
+            "has_position": "ImagePositionPatient" in ds,
+        }
+    except IngestError:
+        raise
+    except Exception as exc:  # hostile input can fail pydicom in many ways
+        raise IngestError(
+            f"cannot parse the DICOM data set: {type(exc).__name__}: {str(exc)[:200]}",
+            STATUS_CANNOT_UNDERSTAND,
+        ) from exc
+    for name, value in (
+        ("SOPClassUID", sop_class),
+        ("SOPInstanceUID", sop),
+        ("StudyInstanceUID", study),
+        ("SeriesInstanceUID", series),
+    ):
+        if not value:
+            raise IngestError(f"{name} is missing", STATUS_INVALID_UID)
+        if not is_valid_uid(value):
+            raise IngestError(f"{name} {value[:80]!r} is not a valid DICOM UID", STATUS_INVALID_UID)
+    if sop_class in image_classes:
+        if not fields["has_pixel_data"]:
+            raise IngestError(
+                f"instance {sop}: image without Pixel Data", STATUS_DOES_NOT_MATCH_SOP_CLASS
+            )
+        if not fields["rows"] or not fields["columns"]:
+            raise IngestError(
+                f"instance {sop}: image without Rows/Columns", STATUS_DOES_NOT_MATCH_SOP_CLASS
+            )
+        try:
+            _check_pixel_data(ds, data, transfer_syntax, sop)
+        except (TypeError, ValueError) as exc:
+            raise IngestError(
+                f"instance {sop}: unusable image pixel module: {exc}", STATUS_CANNOT_UNDERSTAND
+            ) from exc
+    body = memoryview(data)[offset:]  # hashed as sent (deflated or not)
+    return InstanceHeader(
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop,
+        study_uid=study,
+        series_uid=series,
+        transfer_syntax_uid=str(transfer_syntax),
+        size=len(data),
+        sha256=hashlib.sha256(body).hexdigest(),
+        **fields,
+    )
+
+
+# -- database rows ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recorded:
+    series_id: int
+    new_series: bool
+    reopened: bool  # a late instance set a COMPLETE/PURGED series back to RECEIVING
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def _series_issue(series: Series, issue: str) -> None:
+    lines = [line for line in series.ingest_issues.splitlines() if line]
+    if issue not in lines and len(lines) < 20:
+        lines.append(issue)
+        series.ingest_issues = "\n".join(lines)
+
+
+def _reopen(series: Series) -> bool:
+    if series.state in (SeriesState.COMPLETE, SeriesState.PURGED):
+        series.state = SeriesState.RECEIVING
+        series.generation += 1
+        series.completed_at = None
+        return True
+    return False
+
+
+def record_instance(
+    session: Session,
+    header: InstanceHeader,
+    path: Path | str,
+    calling_ae: str,
+    *,
+    now: datetime | None = None,
+) -> Recorded:
+    """Add (or, for a re-sent purged instance, refresh) the rows for one stored file.
+
+    The caller commits; the file must already be written and fsynced.
+    """
+    now = now or utcnow()
+    study = session.scalar(select(Study).where(Study.study_instance_uid == header.study_uid))
+    if study is None:
+        study = Study(
+            study_instance_uid=header.study_uid,
+            patient_id=header.patient_id,
+            issuer_of_patient_id=header.issuer_of_patient_id,
+            accession_number=header.accession_number,
+            study_date=header.study_date,
+            study_description=header.study_description,
+            created_at=now,
+        )
+        session.add(study)
+        session.flush()
+    series = session.scalar(select(Series).where(Series.series_instance_uid == header.series_uid))
+    new_series = series is None
+    reopened = False
+    if series is None:
+        series = Series(
+            series_instance_uid=header.series_uid,
+            study_id=study.id,
+            modality=header.modality,
+            sop_class_uid=header.sop_class_uid,
+            body_part_examined=header.body_part_examined,
+            series_description=header.series_description,
+            image_type=header.image_type,
+            slice_thickness=header.slice_thickness,
+            calling_ae=calling_ae[:16],
+            instance_count=0,
+            state=SeriesState.RECEIVING,
+            generation=1,
+            first_received_at=now,
+            last_received_at=now,
+            rows=header.rows,
+            columns=header.columns,
+            ingest_issues="",
+        )
+        session.add(series)
+        session.flush()
+    else:
+        reopened = _reopen(series)
+        if series.study_id != study.id:
+            _series_issue(series, "instances of this series name different studies")
+        if series.rows is None and header.rows is not None:
+            series.rows, series.columns = header.rows, header.columns
+    if (
+        header.rows is not None
+        and series.rows is not None
+        and (header.rows, header.columns) != (series.rows, series.columns)
+    ):
+        _series_issue(
+            series,
+            f"instance {header.sop_instance_uid} is {header.rows}x{header.columns},"
+            f" the series {series.rows}x{series.columns}",
+        )
+    if (
+        header.sop_class_uid in _CLASSIC_CROSS_SECTIONAL
+        and header.has_pixel_data
+        and not header.has_position
+    ):
+        _series_issue(series, f"instance {header.sop_instance_uid} lacks ImagePositionPatient")
+    existing = find_instance(session, header.sop_instance_uid)
+    if existing is None:
+        session.add(
+            Instance(
+                sop_instance_uid=header.sop_instance_uid,
+                series_id=series.id,
+                sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                path=str(path),
+                size_bytes=header.size,
+                sha256=header.sha256,
+                calling_ae=calling_ae[:16],
+                received_at=now,
+            )
+        )
+        series.instance_count += 1
+    else:
+        existing.path = str(path)
+        existing.size_bytes = header.size
+        existing.sha256 = header.sha256
+        existing.received_at = now
+    series.last_received_at = now
+    return Recorded(series_id=series.id, new_series=new_series, reopened=reopened)
+
+
+_CLASSIC_CROSS_SECTIONAL = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}  # CT, MR Image Storage
+)
+
+
+def record_rejection(
+    sessions: sessionmaker[Session],
+    *,
+    channel: str,
+    reason: str,
+    calling_ae: str = "",
+    sop_instance_uid: str = "",
+    status: int = 0,
+) -> None:
+    """Store a Rejection row in its own transaction; a database failure is logged, not raised."""
+    try:
+        with sessions.begin() as session:
+            session.add(
+                Rejection(
+                    channel=channel[:16],
+                    calling_ae=calling_ae[:16],
+                    sop_instance_uid=sop_instance_uid[:128],
+                    status=status,
+                    reason=reason[:2000],
+                )
+            )
+    except Exception:  # the answer to the peer must not depend on the log row
+        log.exception("could not record a rejection (%s: %s)", channel, reason[:200])
+
+
+def reconcile_spool(
+    sessions: sessionmaker[Session],
+    spool: Spool,
+    *,
+    image_classes: frozenset[str] = frozenset(),
+) -> int:
+    """Record spooled files that have no Instance row (a crash after fsync, before commit).
+
+    Run at start before the SCP listens. Returns how many files were recorded;
+    an unreadable file is logged and left for an admin.
+    """
+    spool.remove_stale_temporaries()
+    with sessions() as session:
+        known = set(session.scalars(select(Instance.path)))
+    count = 0
+    for rel in spool.iter_files():
+        if str(rel) in known:
+            continue
+        try:
+            header = parse_instance(spool.read(rel), image_classes=image_classes)
+            if spool.relpath(header.study_uid, header.series_uid, header.sop_instance_uid) != rel:
+                raise IngestError(f"file {rel} does not match its UIDs")
+            with sessions.begin() as session:
+                record_instance(session, header, rel, "reconcile")
+        except (IngestError, SpoolError) as exc:
+            log.error("spool file %s left unrecorded: %s", rel, exc)
+            continue
+        count += 1
+    if count:
+        log.warning("re-recorded %d spooled instances that had no database row", count)
+    return count
