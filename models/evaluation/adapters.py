@@ -13,7 +13,7 @@ import numpy.typing as npt
 from models.evaluation.dataset import CaseMasks, DiagnosisTable, EvaluationSet
 from models.evaluation.text import StructuredResult
 from models.findings import Findings
-from models.nifti import save_nifti_krc
+from models.nifti import load_nifti_krc, save_nifti_krc
 from models.vocab import Disease
 from models.volume import Volume
 
@@ -96,27 +96,19 @@ def write_masks(masks: CaseMasks, folder: Path) -> None:
 
 
 def volume_from_image(path: Path, modality: str = "CT") -> Volume:
-    """A ``Volume`` from a study image of a reference set (NIfTI file or DICOM folder)
-    for running the model; UIDs are derived from the path when not read from DICOM."""
-    from models.evaluation.render import load_image
+    """A ``Volume`` from a study of a reference set for running the model: a DICOM
+    series folder (:func:`models.loader.load_series`, UIDs and modality from the
+    headers) or a NIfTI file (UIDs derived from the path, ``modality`` as given)."""
     from models.series_writer import derived_uid
 
-    loaded = load_image(path)
-    if loaded is None:
-        raise ValueError(f"{path}: no image (NIfTI file or folder of DICOM slices) found")
-    arr, affine = loaded
     if path.is_dir():
-        import pydicom
+        from models.loader import load_series
 
-        first = next(
-            pydicom.dcmread(str(f), stop_before_pixels=True)
-            for f in sorted(path.rglob("*"))
-            if f.is_file() and f.suffix in (".dcm", "")
-        )
-        modality = str(getattr(first, "Modality", modality))
+        return load_series(path)
+    arr, affine = load_nifti_krc(path)
     uid = derived_uid("evaluation", str(path))
     return Volume(
-        array=arr,
+        array=np.asarray(arr, dtype=np.float32),
         affine=affine,
         sop_instance_uids=tuple(derived_uid(uid, str(k)) for k in range(arr.shape[0])),
         modality=modality,

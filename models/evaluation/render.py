@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from matplotlib.figure import Figure
 
 from models.evaluation.dataset import CaseMasks, EvaluationSet, resample_nearest
 from models.nifti import load_nifti_krc
+
+log = logging.getLogger(__name__)
 
 
 def jsonable(value: Any) -> Any:
@@ -127,50 +130,21 @@ def plot_froc(seg: dict[str, Any]) -> str | None:
 
 
 def load_image(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]] | None:
-    """A study image for overlays: a NIfTI file, or a folder of single-frame DICOM slices."""
+    """A study image for overlays: a NIfTI file, or a DICOM series folder
+    (:func:`models.loader.load_series`); ``None`` when neither can be read."""
     if path.is_file() and path.name.endswith((".nii", ".nii.gz")):
         arr, aff = load_nifti_krc(path)
         return np.asarray(arr, dtype=np.float32), aff
     if path.is_dir():
-        import pydicom
+        from models.loader import load_series
+        from models.volume import VolumeError
 
-        slices = []
-        for f in sorted(path.rglob("*")):
-            if not f.is_file():
-                continue
-            try:
-                ds = pydicom.dcmread(str(f))
-            except Exception:  # not DICOM: ignore
-                continue
-            if "ImagePositionPatient" in ds and "PixelData" in ds:
-                slices.append(ds)
-        if not slices:
+        try:
+            vol = load_series(path)
+        except VolumeError as exc:
+            log.warning("study image %s not usable for overlays: %s", path.name, exc)
             return None
-        iop = np.array(slices[0].ImageOrientationPatient, dtype=float)
-        normal = np.cross(iop[:3], iop[3:])
-        slices.sort(
-            key=lambda d: float(np.dot(normal, np.array(d.ImagePositionPatient, dtype=float)))
-        )
-        arr = np.stack(
-            [
-                d.pixel_array.astype(np.float32) * float(getattr(d, "RescaleSlope", 1))
-                + float(getattr(d, "RescaleIntercept", 0))
-                for d in slices
-            ]
-        )
-        ps = [float(x) for x in slices[0].PixelSpacing]
-        p0 = np.array(slices[0].ImagePositionPatient, dtype=float)
-        step = (
-            (np.array(slices[1].ImagePositionPatient, dtype=float) - p0)
-            if len(slices) > 1
-            else normal
-        )
-        aff = np.eye(4)
-        aff[:3, 0] = step
-        aff[:3, 1] = iop[3:] * ps[0]
-        aff[:3, 2] = iop[:3] * ps[1]
-        aff[:3, 3] = p0
-        return arr, aff
+        return np.asarray(vol.array, dtype=np.float32), vol.affine
     return None
 
 

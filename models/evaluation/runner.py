@@ -348,7 +348,9 @@ def evaluate(ref: EvaluationSet, res: EvaluationSet, opt: Options | None = None)
         "results": res.source,
         "n_cases": len(set(ref.case_ids()) & set(res.case_ids())),
         "diagnosis": evaluate_diagnoses(ref, res, opt),
-        "segmentation": evaluate_segmentation(ref, res, opt) if ref.masks else {},
+        # results with no masks at all carry no segmentation to evaluate (e.g. a
+        # diagnosis-only run); a case missing from results that have masks counts as empty
+        "segmentation": evaluate_segmentation(ref, res, opt) if ref.masks and res.masks else {},
         "report": evaluate_report_texts(ref, res, opt),
         "structured_results": structured_results(ref, res),
     }
