@@ -184,13 +184,14 @@ def _acquire(
             n /= float(n.std()) + 1e-6
         return n
 
+    # stored as integers, as scanners do (CT: whole HU), so DICOM round-trips exactly
     if modality == "CT":
         out = img + noise_sigma * noise()
-        return np.clip(out, -1024, 3071).astype(np.float32)
+        return np.round(np.clip(out, -1024, 3071)).astype(np.float32)
     (shade,) = grid.lattice_field(frng, 120.0, 1)
     img = img * (1.0 + 0.12 * shade)
     out = np.sqrt((img + noise_sigma * noise()) ** 2 + (noise_sigma * noise()) ** 2)
-    return np.clip(out, 0, 4095).astype(np.float32)
+    return np.round(np.clip(out, 0, 4095)).astype(np.float32)
 
 
 def _lesion_truths(

@@ -239,14 +239,14 @@ def _paint(
         mask = occ_mask & (labels_here == organ_label)
     if int(mask.sum()) < 2:
         return None
-    restrict = np.where(mask | ~occ_mask, 0.0, np.inf).astype(np.float32)
+    restrict = np.where(mask | ~occ_mask, -np.inf, np.inf).astype(np.float32)
     sdf = np.maximum(sdf, restrict)  # never paint over a neighbouring structure
     if style == "hcc":
         canvas.paint(box, sdf, "hcc_capsule")
         canvas.paint(box, sdf + 1.5, "hcc", texture=12.0)
     elif style == "metastasis":
         canvas.paint(box, sdf, "metastasis_rim")
-        canvas.paint(box, sdf + 3.0, "metastasis", texture=5.0)
+        canvas.paint(box, sdf + 2.0, "metastasis", texture=5.0)
     elif style == "haemangioma":
         canvas.paint(box, sdf, "haemangioma_core", texture=4.0)
         for _ in range(int(rng.integers(4, 8))):
