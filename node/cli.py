@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.cli_synth",
     "node.cli_evaluate",
     "node.cli_clinical",
+    "node.cli_admin",
 )
 
 
