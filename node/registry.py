@@ -91,7 +91,7 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip().rstrip("\x00")
 
 
-def _body_offset(data: bytes) -> int | None:
+def body_offset(data: bytes) -> int | None:
     """Offset of the data set after a Part 10 preamble and file meta group (None if absent)."""
     if len(data) < 144 or data[128:132] != b"DICM":
         return None
@@ -136,7 +136,7 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
     Pixel data is never decoded: its presence and its length (native) or
     closing delimiter (encapsulated) are checked for classes in ``image_classes``.
     """
-    offset = _body_offset(data)
+    offset = body_offset(data)
     if offset is None:
         raise IngestError(
             "not a DICOM Part 10 stream (no preamble, DICM prefix or file meta group length)",
