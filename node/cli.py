@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.cli_evaluate",
     "node.cli_clinical",
     "node.cli_admin",
+    "node.cli_pull",
 )
 
 
