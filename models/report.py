@@ -37,7 +37,7 @@ from models.findings import (
     OrganFinding,
     ReportSentence,
 )
-from models.labs import ClinicalContext, by_name
+from models.labs import LAB_PANEL, ClinicalContext, by_name
 from models.vocab import Disease, LesionKind, Organ, SubSite
 
 __all__ = [
@@ -683,7 +683,12 @@ def with_diagnoses_and_report(
     fusion = model if model is not None else _default_model()
     used = _clinical_values(clinical)
     notes = list(findings.provenance.notes)
-    missing = tuple(dict.fromkeys(clinical.missing_names()))
+    have = clinical.lab_values()
+    missing = tuple(
+        dict.fromkeys(
+            [*clinical.missing_names(), *(t.name for t in LAB_PANEL if t.name not in have)]
+        )
+    )
     prov = replace(findings.provenance, clinical_used=used, clinical_missing=missing)
     staged = replace(findings, diagnoses=(), report=(), provenance=prov)
     probs = fusion.predict(staged, clinical)

@@ -1,0 +1,179 @@
+"""Fusion classifier: features, shipped weights, clinical behaviour, training round trip, ablation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.case import CaseTruth, LesionTruth
+from models.fusion import (
+    DEFAULT_WEIGHTS,
+    FEATURES,
+    IMAGE_FEATURES,
+    LAB_FEATURES,
+    FusionError,
+    FusionModel,
+    feature_vector,
+    history_concepts,
+    image_features,
+    lab_features,
+)
+from models.labs import LAB_PANEL, context_from_labs
+from models.synthetic_clinical import measured_findings, sample_truth, synthesize_clinical
+from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def truth(
+    diseases: tuple[Disease, ...], lesions: tuple[LesionTruth, ...] = (), **q: float
+) -> CaseTruth:
+    qualities = {"liver_volume_ml": 1600.0, "liver_mean_hu": 105.0, "spleen_volume_ml": 200.0}
+    qualities.update(q)
+    return CaseTruth(
+        "t", 1, "CT", ContrastPhase.PORTAL_VENOUS, 64, "M", diseases, lesions, qualities
+    )
+
+
+LIVER_MASS = LesionTruth(
+    1, Organ.LIVER, LesionKind.MASS, None, 40.0, (10, 10, 10), SubSite.COUINAUD_VII, 80.0
+)
+PANC_MASS = LesionTruth(
+    1, Organ.PANCREAS, LesionKind.MASS, None, 25.0, (10, 10, 10), SubSite.PANCREAS_HEAD, 65.0
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> FusionModel:
+    return FusionModel.load()
+
+
+def test_image_features_follow_the_findings() -> None:
+    rng = np.random.default_rng(0)
+    empty = image_features(measured_findings(truth(()), rng))
+    with_mass = image_features(
+        measured_findings(truth((), (LIVER_MASS,)), np.random.default_rng(0))
+    )
+    assert empty.shape == with_mass.shape == (len(IMAGE_FEATURES),)
+    i = IMAGE_FEATURES.index("img.liver_solid_max_mm")
+    assert empty[i] == 0.0 and with_mass[i] == pytest.approx(np.log1p(40.0), abs=0.2)
+    assert with_mass[IMAGE_FEATURES.index("img.liver_solid_count")] > 0
+    assert with_mass[IMAGE_FEATURES.index("img.liver_solid_rel_hu")] < 0  # hypoattenuating
+
+
+def test_lab_features_mark_missing_values() -> None:
+    v = lab_features({"AFP": 400.0, "ALB": 3.0})
+    assert v.shape == (len(LAB_FEATURES),)
+    n = len(LAB_PANEL)
+    afp = [t.name for t in LAB_PANEL].index("AFP")
+    alb = [t.name for t in LAB_PANEL].index("ALB")
+    assert v[n + afp] == 0.0 and v[n + alb] == 0.0
+    assert v[n:].sum() == n - 2  # every other test flagged missing
+    assert v[afp] > 3.0  # log(400 / 8.8)
+    assert v[alb] < -1.0  # below the reference interval
+
+
+def test_history_concepts_with_negation() -> None:
+    found = history_concepts(
+        "Known chronic hepatitis B. No history of malignancy. Denies alcohol use."
+    )
+    assert "hepatitis_b" in found
+    assert "malignancy_any" not in found and "alcohol" not in found
+    assert "colorectal_cancer" in history_concepts("History of colorectal carcinoma, resected.")
+
+
+def test_shipped_weights_load_and_predict(model: FusionModel) -> None:
+    assert DEFAULT_WEIGHTS.stat().st_size < 300_000  # small enough to live in the repository
+    assert set(model.diseases) == set(Disease)
+    assert (
+        "ground-truth" in model.meta["data"]
+        and "not from the segmentation network" in model.meta["data"]
+    )
+    f = measured_findings(truth(()), np.random.default_rng(1))
+    probs = model.predict(f, context_from_labs({}))
+    assert all(0.0 <= p <= 1.0 for p in probs.values())
+    assert max(probs.values()) < 0.5  # a normal case with no labs: nothing likely
+
+
+def test_labs_move_the_probabilities_the_clinical_way(model: FusionModel) -> None:
+    liver = measured_findings(truth((), (LIVER_MASS,)), np.random.default_rng(2))
+    quiet = context_from_labs({"AFP": 3.0, "CEA": 2.0, "HBSAG": 0.0})
+    hcc_labs = context_from_labs(
+        {"AFP": 800.0, "CEA": 2.0, "HBSAG": 1.0}, history="Known chronic hepatitis B."
+    )
+    met_labs = context_from_labs(
+        {"AFP": 3.0, "CEA": 60.0, "HBSAG": 0.0}, history="History of colorectal carcinoma."
+    )
+    p0, p_hcc, p_met = (model.predict(liver, c) for c in (quiet, hcc_labs, met_labs))
+    assert p_hcc[Disease.HCC] > p0[Disease.HCC] and p_hcc[Disease.HCC] > p_met[Disease.HCC]
+    assert p_met[Disease.LIVER_METASTASIS] > p_hcc[Disease.LIVER_METASTASIS]
+
+    panc = measured_findings(
+        truth((), (PANC_MASS,), pancreatic_duct_mm=6.0), np.random.default_rng(3)
+    )
+    normal = context_from_labs({"CA19-9": 10.0, "LIPASE": 30.0})
+    pdac = context_from_labs(
+        {"CA19-9": 900.0, "BILI_T": 6.0, "LIPASE": 30.0}, history="Painless jaundice."
+    )
+    itis = context_from_labs(
+        {"CA19-9": 20.0, "LIPASE": 2000.0}, history="Acute epigastric pain radiating to the back."
+    )
+    assert model.predict(panc, pdac)[Disease.PDAC] > model.predict(panc, normal)[Disease.PDAC]
+    assert (
+        model.predict(panc, itis)[Disease.PANCREATITIS]
+        > model.predict(panc, pdac)[Disease.PANCREATITIS]
+    )
+
+
+def test_training_round_trip(tmp_path: Path) -> None:
+    def data(seeds: range) -> tuple[np.ndarray, dict[Disease, np.ndarray]]:
+        xs, ys = [], []
+        for s in seeds:
+            t = sample_truth(s)
+            c = synthesize_clinical(t)
+            f = measured_findings(t, np.random.default_rng(s))
+            xs.append(
+                feature_vector(
+                    f, context_from_labs(c.labs, history=c.history, age=t.age, sex=t.sex)
+                )
+            )
+            ys.append([int(d in t.diseases) for d in Disease])
+        y = np.asarray(ys)
+        return np.asarray(xs), {d: y[:, i] for i, d in enumerate(Disease)}
+
+    x, y = data(range(50_000, 50_300))
+    xc, yc = data(range(60_000, 60_150))
+    m = FusionModel.train(x, y, xc, yc, {"data": "synthetic test"})
+    path = tmp_path / "w.json"
+    m.save(path)
+    again = FusionModel.load(path)
+    for variant in ("fused", "image", "labs"):
+        a, b = m.predict_matrix(xc, variant), again.predict_matrix(xc, variant)
+        for d in Disease:
+            assert np.allclose(a[d], b[d], atol=1e-5)
+    data_json = json.loads(path.read_text())
+    data_json["heads"]["fused"]["cirrhosis"]["features"] = ["img.wrong"]
+    path.write_text(json.dumps(data_json))
+    with pytest.raises(FusionError, match="other features"):
+        FusionModel.load(path)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(FusionError, match="not hpb-fusion/1"):
+        FusionModel.load(tmp_path / "bad.json")
+    assert len(FEATURES) == x.shape[1]
+
+
+def test_ablation_results_are_complete_and_honest() -> None:
+    res = json.loads((ROOT / "bench" / "results" / "fusion_ablation.json").read_text())
+    assert res["cases"] >= 200
+    assert "synthetic" in res["data"] and "not from the segmentation network" in res["data"]
+    assert set(res["diseases"]) == {d.value for d in Disease}
+    for name, row in res["diseases"].items():
+        for key in ("fused_auroc", "image_auroc", "labs_auroc", "fused_ece"):
+            assert 0.0 <= row[key] <= 1.0, (name, key)
+        assert row["fused_ece"] < 0.1, name
+    # every disease where fusion does not beat imaging is listed, none hidden
+    listed = {n for n, r in res["diseases"].items() if r["fused_auroc"] <= r["image_auroc"]}
+    assert listed == set(res["fused_not_better_than_image"])
