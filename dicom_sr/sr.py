@@ -392,7 +392,8 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.CT_ABDOMEN if ct else codes.MR_ABDOMEN,
         imaging_measurements=groups,
-        referenced_images=key_images or None,
+        # highdicom's image library reads single-frame geometry only
+        referenced_images=(key_images or None) if not series.multiframe else None,
     )
     report[0].ContentSequence.append(_text_container(findings, opts))
     evidence = [*series.datasets, seg]

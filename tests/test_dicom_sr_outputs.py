@@ -300,3 +300,83 @@ def test_findings_without_voxels_still_give_a_pdf(case: Case) -> None:
     )
     kinds = [k for k, _ in build_all(empty, case.sources, OutputOptions(pipeline_version="1"))]
     assert kinds == ["pdf"]
+
+
+def _dciodvfy_clean(objects: list[tuple[str, Dataset]], out: Path) -> None:
+    for i, (kind, ds) in enumerate(objects):
+        p = out / f"{i:02d}_{kind}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        errors = [line for line in _run("dciodvfy", str(p)).splitlines() if "Error" in line]
+        assert errors == [], f"{kind}: {errors}"
+
+
+def test_mr_outputs(shared_data: Path, tmp_path: Path) -> None:
+    d = shared_data / "mr_abdomen_3mm"
+    mr, aff = load_nifti_krc(d / "mr.nii.gz")
+    labels, _ = load_nifti_krc(d / "labels.nii.gz")
+    liver = labels == 5
+    idx = np.argwhere(liver)
+    lesion = sphere(mr.shape, idx[len(idx) // 2], 2.5) & liver
+    paths = write_series(mr.astype(np.float64), aff, tmp_path / "mr", modality="MR", seed="mr-out")
+    dss = [pydicom.dcmread(p) for p in paths]
+    findings = findings_from_masks(
+        {Organ.LIVER: liver, Organ.SPLEEN: labels == 1},
+        [(Organ.LIVER, LesionKind.NODULE, lesion, SubSite.COUINAUD_VIII)],
+        aff,
+        [str(ds.SOPInstanceUID) for ds in dss],
+        str(dss[0].SeriesInstanceUID),
+        image=mr,
+    )
+    objects = build_all(findings, dss, OutputOptions(pipeline_version="mr-test"))
+    assert [k for k, _ in objects] == ["seg", "sr", "pdf", "sc", "ko"]
+    _dciodvfy_clean(objects, tmp_path)
+    sr = read_sr(objects[1][1])
+    liver_group = next(g for g in sr.groups if g.tracking_id == "Liver")
+    signal = [m for m in liver_group.measurements if m.name[2] == "Mean signal intensity"]
+    assert [m.derivation[2] for m in signal if m.derivation] == ["Mean", "Standard Deviation"]
+    assert liver_group.measurement("Mean Attenuation Coefficient") is None  # no HU on MR
+
+
+def test_enhanced_source_outputs(shared_data: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    d = shared_data / "ct_abdomen_3mm"
+    ct, aff = load_nifti_krc(d / "ct.nii.gz")
+    ct, aff = ct[80:105], aff.copy()
+    aff[:3, 3] = aff[:3, 3] + 80 * aff[:3, 0]
+    liver_full, _ = load_nifti_krc(d / "labels" / "liver.nii.gz")
+    liver = liver_full[80:105] > 0
+    idx = np.argwhere(liver)
+    lesion = sphere(ct.shape, idx[len(idx) // 2], 3) & liver
+    dss = [pydicom.dcmread(p) for p in write_series(ct, aff, tmp_path / "ct", seed="enh-out")]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        dss,
+        series_instance_uid=hd.UID(),
+        series_number=7,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
+    frame_of = {
+        tuple(round(float(v), 3) for v in it.PlanePositionSequence[0].ImagePositionPatient): i
+        for i, it in enumerate(enhanced.PerFrameFunctionalGroupsSequence, start=1)
+    }
+    frames = [frame_of[tuple(round(float(v), 3) for v in ds.ImagePositionPatient)] for ds in dss]
+    findings = findings_from_masks(
+        {Organ.LIVER: liver},
+        [(Organ.LIVER, LesionKind.MASS, lesion, None)],
+        aff,
+        [str(enhanced.SOPInstanceUID)] * len(dss),
+        str(enhanced.SeriesInstanceUID),
+        image=ct,
+    )
+    objects = build_all(
+        findings, [enhanced], OutputOptions(pipeline_version="enh"), frame_numbers=frames
+    )
+    _dciodvfy_clean(objects, tmp_path)
+    sr = read_sr(objects[1][1])
+    (planar,) = [g for g in sr.groups if g.is_planar]
+    key_frame = frames[findings.lesions[0].key_slice]
+    la = planar.measurement("Long Axis")
+    assert la is not None and la.scoords[0].referenced_frames == (key_frame,)
+    sc = next(ds for kind, ds in objects if kind == "sc")
+    assert sc.SourceImageSequence[0].ReferencedFrameNumber == key_frame
