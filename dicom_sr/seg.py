@@ -238,10 +238,10 @@ def _restore_overlap(seg: Dataset, specs: Sequence[SegmentSpec], series: SourceS
         number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         src = item.DerivationImageSequence[0].SourceImageSequence[0]
         fn = int(src.ReferencedFrameNumber) if "ReferencedFrameNumber" in src else None
-        k = where.get((str(src.ReferencedSOPInstanceUID), fn if series.multiframe else None))
-        if k is None:
+        found = where.get((str(src.ReferencedSOPInstanceUID), fn if series.multiframe else None))
+        if found is None:
             return False
-        frames.append((k, number))
+        frames.append((found, number))
     present = set(frames)
     for s in specs:
         planes = np.flatnonzero(s.mask.any(axis=(1, 2)))
