@@ -53,6 +53,9 @@ _PATIENT_STUDY = (
 )
 
 
+_MAX_SECTION_LINES = 18
+
+
 def _wrap(text: str, width: int) -> list[str]:
     lines: list[str] = []
     for para in text.split("\n"):
@@ -110,7 +113,10 @@ def render_pdf(
         c.drawString(18 * mm, y, title)
         y -= 5 * mm
         c.setFont("Helvetica", 9)
-        for line in _wrap(findings.report_text(section) or "-", text_width):
+        lines = _wrap(findings.report_text(section) or "-", text_width)
+        if len(lines) > _MAX_SECTION_LINES:  # one page: the SR holds the full text
+            lines = [*lines[: _MAX_SECTION_LINES - 1], "... (full text in the DICOM SR)"]
+        for line in lines:
             c.drawString(18 * mm, y, line)
             y -= 4.2 * mm
         y -= 3 * mm
