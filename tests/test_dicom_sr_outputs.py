@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_sr import OutputOptions, build_all, output_uid, read_seg, read_sr
+from dicom_sr import OutputOptions, build_all, output_uid, read_seg, read_sr, readback
 from dicom_sr.testing import findings_from_masks, sphere
 from models.findings import ClinicalValue, Findings
 from models.nifti import load_nifti_krc
@@ -380,3 +380,34 @@ def test_enhanced_source_outputs(shared_data: Path, tmp_path: Path) -> None:
     assert la is not None and la.scoords[0].referenced_frames == (key_frame,)
     sc = next(ds for kind, ds in objects if kind == "sc")
     assert sc.SourceImageSequence[0].ReferencedFrameNumber == key_frame
+
+
+def test_readback_matches_findings(case: Case) -> None:
+    (sr_path,) = case.paths["sr"]
+    rb = readback(read_sr(sr_path))
+    f = case.findings
+    assert set(rb.organs) == {"Liver", "Pancreas", "Gallbladder", "Spleen"}
+    for organ in f.organs:
+        got = rb.organs[organ.organ.value.capitalize()]
+        assert got.volume_ml == pytest.approx(organ.volume_ml)
+        assert got.mean == pytest.approx(organ.mean_intensity)
+        assert got.sd == pytest.approx(organ.std_intensity)
+    assert len(rb.lesions) == len(f.lesions)
+    for got, les in zip(rb.lesions, f.lesions, strict=True):
+        assert got.volume_ml == pytest.approx(les.volume_ml)
+        assert got.long_axis_mm == pytest.approx(les.long_axis.length_mm)
+        assert got.short_axis_mm == pytest.approx(les.short_axis.length_mm)
+        assert got.centroid_lps == pytest.approx(les.centroid_lps, abs=1e-3)
+        assert got.key_sop_uid == f.provenance.input_sop_uids[les.key_slice]
+        assert got.long_axis_xy is not None and got.long_axis_xy.shape == (2, 2)
+    assert rb.diagnoses == pytest.approx({"25370001": 0.62, "85057007": 0.3, "19943007": 0.08})
+    assert rb.clinical_used == {"1834-1": (85.0, "ng/mL"), "1751-7": (3.1, "g/dL")}
+    assert len(rb.clinical_missing) == 2
+    assert "Lesion 2" in rb.findings_text
+
+
+def test_readback_of_another_tools_sr(shared_data: Path) -> None:
+    rb = readback(read_sr(shared_data / "interop" / "tid1500" / "dcmqi_liver_result.dcm"))
+    (organ,) = rb.organs.values()
+    assert organ.volume_ml == pytest.approx(70.36, abs=0.01)
+    assert organ.mean == pytest.approx(37.33, abs=0.01)
