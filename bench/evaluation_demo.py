@@ -18,8 +18,8 @@ which path ran):
 * diagnoses: the shipped fusion classifier (``models/fusion_weights``) on the
   segmentation's findings, or, without segmentation weights, on
   ``measured_findings`` (ground truth plus measurement noise: a stand-in);
-* report: a report generator when one is installed; otherwise a template
-  draft from the model's structured output (stated as such).
+* report: ``models.report.with_diagnoses_and_report`` (fusion diagnoses and the
+  grounded template draft, as the node runs them).
 """
 
 from __future__ import annotations
@@ -48,47 +48,15 @@ from models.evaluation import (
 from models.evaluation.adapters import add_diagnosis_truth, add_findings, reference_from_truth
 from models.evaluation.dataset import DiagnosisTable
 from models.evaluation.text import StructuredResult
-from models.findings import Findings
 from models.labs import context_from_labs
 from models.nifti import save_nifti_krc
+from models.report import with_diagnoses_and_report
 from models.series_writer import derived_uid
 from models.synthetic import ORGAN_LABELS, generate_case
-from models.synthetic_clinical import measured_findings, site_words, synthesize_clinical
-from models.vocab import Disease
+from models.synthetic_clinical import measured_findings, synthesize_clinical
 from models.volume import Volume
 
-DX_WORDS = {
-    Disease.HCC: "hepatocellular carcinoma",
-    Disease.LIVER_METASTASIS: "liver metastasis",
-    Disease.HAEMANGIOMA: "haemangioma",
-    Disease.SIMPLE_CYST: "simple cyst",
-    Disease.CIRRHOSIS: "cirrhosis",
-    Disease.STEATOSIS: "hepatic steatosis",
-    Disease.CHOLELITHIASIS: "cholelithiasis",
-    Disease.PDAC: "pancreatic ductal adenocarcinoma",
-    Disease.PANCREATIC_CYSTIC_LESION: "pancreatic cystic lesion",
-    Disease.PANCREATITIS: "pancreatitis",
-}
 DEMO_THRESHOLDS = ("dice.liver>=0.85", "auroc.cirrhosis>=0.7", "lesion.sensitivity>=0.5")
-
-
-def template_report(findings: Findings, probs: dict[Disease, float], threshold: float) -> str:
-    """Stand-in draft (no report generator yet): one line per lesion, positive diseases."""
-    lines = []
-    for les in findings.lesions:
-        site = site_words(les.sub_site)
-        where = f" in {site}" if site else ""
-        lines.append(
-            f"{les.organ.value.capitalize()}: {les.kind.value}{where}, {les.long_axis.length_mm:.0f} mm."
-        )
-    positive = [DX_WORDS[d] for d, p in sorted(probs.items()) if p >= threshold]
-    return (
-        "FINDINGS: "
-        + (" ".join(lines) or "Normal.")
-        + " IMPRESSION: "
-        + ("; ".join(positive) or "no abnormality")
-        + "."
-    )
 
 
 def _bundle() -> Any:
@@ -99,14 +67,6 @@ def _bundle() -> Any:
     except Exception as exc:  # no shipped weights yet, or an unusable bundle: said in the note
         print(f"segmentation bundle not usable: {exc}", file=sys.stderr)
         return None
-
-
-def _report_generator() -> Any:
-    try:
-        from models import report as report_module  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(report_module, "draft_report", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opt = Options(n_bootstrap=args.bootstrap)
     bundle = _bundle()
-    fusion = FusionModel.load(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else None
-    generator = _report_generator()
+    fusion = FusionModel.load(DEFAULT_WEIGHTS)
     seeds = range(args.seed0, args.seed0 + args.cases)
     ref = EvaluationSet(
         truth=DiagnosisTable(), source=f"synthetic generator, seeds {seeds.start}-{seeds.stop - 1}"
@@ -171,21 +130,20 @@ def main(argv: list[str] | None = None) -> int:
             ctx = context_from_labs(
                 clin.labs, history=clin.history, age=case.truth.age, sex=case.truth.sex
             )
-            probs = fusion.predict(findings, ctx) if fusion is not None else {}
+            # fusion diagnoses + grounded template report (models.report), as the node runs them
+            full = with_diagnoses_and_report(findings, ctx, model=fusion)
             if bundle is not None:
-                add_findings(res, cid, findings, case.affine, threshold=opt.threshold)
-            for d, p in probs.items():
-                res.probabilities[(cid, d)] = float(p)
-            text = (
-                generator(findings, probs)
-                if generator is not None
-                else template_report(findings, probs, opt.threshold)
-            )
-            res.reports[cid] = text
-            res.structured[cid] = StructuredResult(
-                frozenset(d for d, p in probs.items() if p >= opt.threshold),
-                tuple(float(les.long_axis.length_mm) for les in findings.lesions),
-            )
+                add_findings(res, cid, full, case.affine, threshold=opt.threshold)
+            else:  # measured_findings' masks are placeholders: everything but masks
+                for dx in full.diagnoses:
+                    res.probabilities[(cid, dx.disease)] = float(dx.probability)
+                res.reports[cid] = " ".join(s.text for s in full.report)
+                res.structured[cid] = StructuredResult(
+                    frozenset(
+                        dx.disease for dx in full.diagnoses if dx.probability >= opt.threshold
+                    ),
+                    tuple(float(les.long_axis.length_mm) for les in full.lesions),
+                )
         result = evaluate(ref, res, opt)
         notes = ["all numbers are on SYNTHETIC cases (models.synthetic.generate_case)"]
         notes.append(
@@ -194,20 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             else "segmentation NOT evaluated: the shipped segmentation weights were not in the repository when this ran"
         )
         notes.append(
-            "diagnoses: shipped fusion classifier on "
+            "diagnoses: shipped fusion classifier (models/fusion_weights) on "
             + (
                 "the segmentation's findings"
                 if bundle is not None
                 else "measured_findings (truth + measurement noise, a stand-in for segmentation)"
             )
-            if fusion is not None
-            else "diagnoses NOT evaluated: no fusion weights"
         )
-        notes.append(
-            "report: models.report.draft_report"
-            if generator is not None
-            else "report: a template draft built from the model's structured output (no report generator in the repository yet)"
-        )
+        notes.append("report: models.report.with_diagnoses_and_report (grounded template draft)")
         result["note"] = "; ".join(notes)
         result["runtime_s"] = time.perf_counter() - t0
         check_thresholds(result, [Threshold.parse(t) for t in DEMO_THRESHOLDS])

@@ -66,6 +66,17 @@ def test_extraction_rules() -> None:
     # negation only within its clause
     h = extract("No ascites, hepatic steatosis.")
     assert h.positive == {Disease.STEATOSIS}
+    # hedges: uncertain, not positive; asserting words stay positive
+    u = extract(
+        "1. Most consistent with simple hepatic cyst (probability 0.95). 2. Possible hepatic steatosis (probability 0.31)."
+    )
+    assert u.positive == {Disease.SIMPLE_CYST} and u.uncertain == {Disease.STEATOSIS}
+    assert extract("HCC cannot be excluded.").uncertain == {Disease.HCC}
+    # calibres are not lesion sizes; volumes neither
+    c = extract(
+        "The common bile duct measures 5 mm (not dilated). Lesion 1: 20 x 16 mm cyst. Spleen: volume 226 ml."
+    )
+    assert c.sizes_mm == (20.0,)
 
 
 def test_completeness_correctness_contradiction() -> None:
@@ -83,6 +94,12 @@ def test_consistency_with_structured_results() -> None:
     s = StructuredResult(frozenset({Disease.HCC, Disease.CIRRHOSIS}), (22.4,))
     ok = consistency("Cirrhotic liver. A 22 mm HCC in segment VII.", s)
     assert ok["score"] == 1.0 and ok["problems"] == []
+    hedged = consistency("Cirrhotic liver. A 22 mm lesion, possible HCC.", s)
+    assert hedged["score"] == pytest.approx(3 / 4)
+    assert (
+        "hepatocellular_carcinoma is positive in the results but stated only as uncertain"
+        in hedged["problems"]
+    )
     bad = consistency("A 35 mm HCC. Pancreatitis.", s)
     # checks: HCC ok, cirrhosis missing, pancreatitis unsupported, 22.4 missing, 35 extra
     assert bad["checks"] == 5

@@ -12,17 +12,23 @@ All rules are deterministic and documented in ``docs/evaluation.md``:
   (``DISEASE_TERMS``). A mention is *negated* when a negation cue ("no",
   "not", "without", "negative for", "no evidence of", "absence of", "free of",
   "ruled out", "resolved") precedes it in the same clause (clauses split at
-  ``,``, ``;``, ``:``, "but", "however"). Hedged mentions ("possible",
-  "suspicious for") count as positive.
+  ``,``, ``;``, ``:``, "but", "however"). A mention is *uncertain* when an
+  uncertainty cue ("possible", "possibly", "questionable", "equivocal", "may
+  represent", "differential", "cannot be excluded", "not excluded", "less
+  likely", "unlikely") is in its clause; "suspicious for", "consistent with",
+  "probable" and "likely" assert. A disease asserted anywhere is positive;
+  otherwise uncertain; otherwise negated.
 * **Size mentions**: ``N mm``, ``N cm`` and ``N x M (mm|cm)``; the largest
-  dimension of a mention, in mm. Volumes (ml, cm³) are not sizes.
+  dimension of a mention, in mm. Volumes (ml, cm³) are not sizes, nor are
+  calibres: sizes in a clause about a duct, wall, thickness or calibre.
 * **Completeness** = reference items found in the candidate / reference items;
   **correctness** = candidate items supported by the reference / candidate
-  items. Items are positive disease mentions (matched by disease) and sizes
+  items. Items are asserted (positive) disease mentions (matched by disease) and sizes
   (matched one-to-one within ``max(2 mm, 10 %)``). A disease positive in one
   report and negated in the other is also listed as a contradiction.
 * **Consistency** with structured results: every disease the structured
-  results call positive is mentioned positively, no other disease is, every
+  results call positive is asserted (an uncertain mention is not enough), no
+  other disease is asserted (uncertain mentions of others are allowed), every
   structured lesion diameter is stated (within ``max(1 mm, 5 %)``) and every
   stated size belongs to a structured lesion; score = checks passed / checks.
 * **Readability**: Flesch-Kincaid grade ``0.39 W/S + 11.8 Sy/W - 15.59`` and
@@ -84,6 +90,11 @@ DISEASE_TERMS: dict[Disease, tuple[str, ...]] = {
 _NEGATION = re.compile(
     r"\b(?:no|not|without|negative for|no evidence of|absence of|absent|free of|ruled out|resolved)\b"
 )
+_UNCERTAIN = re.compile(
+    r"\b(?:possible|possibly|questionable|equivocal|may represent|differential|cannot be excluded|"
+    r"not excluded|less likely|unlikely)\b"
+)
+_CALIBRE = re.compile(r"\b(?:duct|ducts|wall|thickness|thickening|calibre|caliber)\b")
 _CLAUSE = re.compile(r"[,;:]|\bbut\b|\bhowever\b")
 _SIZE = re.compile(
     r"(\d+(?:\.\d+)?)(?:\s*[x×]\s*(\d+(?:\.\d+)?))?(?:\s*[x×]\s*(\d+(?:\.\d+)?))?\s*(mm|cm)\b"
@@ -111,11 +122,13 @@ class ReportFindings:
     positive: frozenset[Disease]
     negated: frozenset[Disease]
     sizes_mm: tuple[float, ...]
+    uncertain: frozenset[Disease] = frozenset()
 
 
 def extract(text: str) -> ReportFindings:
     positive: set[Disease] = set()
     negated: set[Disease] = set()
+    uncertain: set[Disease] = set()
     sizes: list[float] = []
     for sent in sentences(text.lower()):
         for clause in _CLAUSE.split(sent):
@@ -124,16 +137,23 @@ def extract(text: str) -> ReportFindings:
                     m = re.search(pat, clause)
                     if m is None:
                         continue
-                    if _NEGATION.search(clause[: m.start()]):
+                    if _UNCERTAIN.search(clause):
+                        uncertain.add(disease)
+                    elif _NEGATION.search(clause[: m.start()]):
                         negated.add(disease)
                     else:
                         positive.add(disease)
                     break
-        for m in _SIZE.finditer(sent):
-            nums = [float(g) for g in m.groups()[:3] if g is not None]
-            sizes.append(max(nums) * (10.0 if m.group(4) == "cm" else 1.0))
-    # a disease mentioned positively anywhere is positive (e.g. "no new HCC" + "known HCC")
-    return ReportFindings(frozenset(positive), frozenset(negated - positive), tuple(sizes))
+            if _CALIBRE.search(clause):
+                continue
+            for m in _SIZE.finditer(clause):
+                nums = [float(g) for g in m.groups()[:3] if g is not None]
+                sizes.append(max(nums) * (10.0 if m.group(4) == "cm" else 1.0))
+    # asserted anywhere wins (e.g. "no new HCC" + "known HCC"), then uncertain, then negated
+    unc = uncertain - positive
+    return ReportFindings(
+        frozenset(positive), frozenset(negated - positive - unc), tuple(sizes), frozenset(unc)
+    )
 
 
 def _match_sizes(a: Sequence[float], b: Sequence[float], abs_mm: float, rel: float) -> int:
@@ -193,7 +213,8 @@ def consistency(text: str, structured: StructuredResult) -> dict[str, Any]:
         checks += 1
         if d not in f.positive:
             failed += 1
-            problems.append(f"{d} is positive in the results but not stated")
+            how = "stated only as uncertain" if d in f.uncertain else "not stated"
+            problems.append(f"{d} is positive in the results but {how}")
     for d in sorted(f.positive - structured.positive):
         checks += 1
         failed += 1
