@@ -198,16 +198,20 @@ class Store:
         expected_study_uid: str | None = None,
     ) -> Outcome:
         """Store one Part 10 stream ``data``; never raises, answers an :class:`Outcome`."""
+        seen: dict[str, str] = {"sop_class_uid": "", "sop_instance_uid": claimed_sop_uid}
         try:
             return self._accept(
                 data,
+                seen,
                 calling_ae=calling_ae,
                 context_sop_class=context_sop_class,
                 claimed_sop_uid=claimed_sop_uid,
                 expected_study_uid=expected_study_uid,
             )
         except IngestError as exc:
-            outcome = Outcome(exc.status, exc.reason, sop_instance_uid=claimed_sop_uid)
+            outcome = Outcome(
+                exc.status, exc.reason, seen["sop_class_uid"], seen["sop_instance_uid"]
+            )
         except SpoolError as exc:
             cause = exc.__cause__
             status = (
@@ -216,13 +220,14 @@ class Store:
                 else STATUS_PROCESSING_FAILURE
             )
             log.error("spool write failed: %s", exc)
-            outcome = Outcome(status, str(exc), sop_instance_uid=claimed_sop_uid)
+            outcome = Outcome(status, str(exc), seen["sop_class_uid"], seen["sop_instance_uid"])
         except SQLAlchemyError as exc:
             log.error("database error while recording an instance: %s", exc)
             outcome = Outcome(
                 STATUS_PROCESSING_FAILURE,
                 f"database error: {type(exc).__name__}",
-                sop_instance_uid=claimed_sop_uid,
+                seen["sop_class_uid"],
+                seen["sop_instance_uid"],
             )
         log.warning(
             "refused instance %s from %s via %s: 0x%04X %s",
@@ -245,6 +250,7 @@ class Store:
     def _accept(
         self,
         data: bytes,
+        seen: dict[str, str],
         *,
         calling_ae: str,
         context_sop_class: str | None,
@@ -266,6 +272,7 @@ class Store:
             )
         header = parse_instance(data, image_classes=IMAGE_SOP_CLASSES)
         sop = header.sop_instance_uid
+        seen.update(sop_class_uid=header.sop_class_uid, sop_instance_uid=sop)
         if header.sop_class_uid not in self.sop_classes:
             raise IngestError(
                 f"instance {sop}: SOP Class {header.sop_class_uid} is not accepted",

@@ -1,0 +1,148 @@
+"""STOW-RS: multipart/related uploads through the same Store as C-STORE."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless
+from sqlalchemy import select
+
+from node.db import Instance, Rejection
+from node.stow import split_multipart, stow_router
+from tests.conftest import free_port
+from tests.support.dcmtk import storescu
+from tests.support.ingest_node import IngestNode, ct_series, running_node
+
+
+def multipart(parts: Sequence[bytes], boundary: str, part_type: str = "application/dicom") -> bytes:
+    chunks = []
+    for part in parts:
+        chunks.append(
+            f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + part + b"\r\n"
+        )
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks)
+
+
+def post(
+    client: httpx.Client, parts: Sequence[bytes], study: str | None = None, **kw: str
+) -> httpx.Response:
+    boundary = uuid.uuid4().hex
+    url = "/dicom-web/studies" + (f"/{study}" if study else "")
+    ctype = kw.get(
+        "content_type", f'multipart/related; type="application/dicom"; boundary={boundary}'
+    )
+    body = multipart(parts, boundary, kw.get("part_type", "application/dicom"))
+    return client.post(url, content=body, headers={"Content-Type": ctype})
+
+
+@pytest.fixture()
+def stow(tmp_path: Path) -> Iterator[tuple[IngestNode, httpx.Client]]:
+    with running_node(tmp_path) as node:
+        app = FastAPI()
+        app.include_router(stow_router(node.store))
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                yield node, client
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+
+
+def test_stow_stores_instances_and_answers_dicom_json(
+    tmp_path: Path, stow: tuple[IngestNode, httpx.Client]
+) -> None:
+    node, client = stow
+    files = ct_series(tmp_path / "a", n=2, seed="stow-a")
+    files += ct_series(
+        tmp_path / "b", n=1, size=64, seed="stow-b", transfer_syntax=JPEG2000Lossless
+    )
+    response = post(client, [f.read_bytes() for f in files])
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/dicom+json")
+    referenced = response.json()["00081199"]["Value"]
+    sent = {dcmread(f).SOPInstanceUID for f in files}
+    assert {item["00081155"]["Value"][0] for item in referenced} == sent
+    assert "00081198" not in response.json()
+    with node.sessions() as s:
+        rows = {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+    assert set(rows) == sent
+    for f in files:
+        stored = node.spool_root / rows[dcmread(f).SOPInstanceUID].path
+        assert stored.read_bytes() == f.read_bytes()  # the part exactly as uploaded
+
+
+def test_stow_to_study_refuses_instances_of_other_studies(
+    tmp_path: Path, stow: tuple[IngestNode, httpx.Client]
+) -> None:
+    node, client = stow
+    mine = ct_series(tmp_path / "a", n=1, seed="stow-mine")
+    other = ct_series(tmp_path / "b", n=1, seed="stow-other")
+    study = dcmread(mine[0]).StudyInstanceUID
+    response = post(client, [mine[0].read_bytes(), other[0].read_bytes()], study=study)
+    assert response.status_code == 202
+    failed = response.json()["00081198"]["Value"]
+    assert len(failed) == 1 and failed[0]["00081197"]["Value"] == [0xA900]
+    assert failed[0]["00081155"]["Value"] == [dcmread(other[0]).SOPInstanceUID]
+    assert node.instance_count() == 1
+    assert "differs from" in node.rejections()[-1].reason
+
+
+def test_stow_then_dimse_duplicate_is_success_without_second_copy(
+    tmp_path: Path, stow: tuple[IngestNode, httpx.Client]
+) -> None:
+    node, client = stow
+    files = ct_series(tmp_path / "a", n=2, seed="stow-dup")
+    assert post(client, [f.read_bytes() for f in files]).status_code == 200
+    result = storescu(node.port, files)
+    assert result.returncode == 0, result.stderr
+    assert node.instance_count() == 2 and len(node.spool_files()) == 2
+    assert node.rejections() == []
+
+
+def test_split_multipart_rejects_malformed_bodies() -> None:
+    assert split_multipart(b"--b\r\nContent-Type: x\r\n\r\nab\r\n--b--\r\n", "b") == [
+        ({"content-type": "x"}, b"ab")
+    ]
+    for body in (
+        b"no boundary here",
+        b"--b\r\nContent-Type: x\r\n\r\nab",
+        b"--b\r\nbad header\r\n\r\nx\r\n--b--",
+    ):
+        with pytest.raises(ValueError):
+            split_multipart(body, "b")
+
+
+def test_stow_request_refusals_are_recorded(stow: tuple[IngestNode, httpx.Client]) -> None:
+    node, client = stow
+    r = client.post(
+        "/dicom-web/studies", content=b"x", headers={"Content-Type": "application/dicom"}
+    )
+    assert r.status_code == 415
+    r = client.post(
+        "/dicom-web/studies", content=b"x", headers={"Content-Type": "multipart/related"}
+    )
+    assert r.status_code == 400
+    with node.sessions() as s:
+        reasons = [r.reason for r in s.scalars(select(Rejection).order_by(Rejection.id))]
+    assert "expected multipart/related" in reasons[0]
+    assert "boundary" in reasons[1]
