@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -268,3 +269,12 @@ def test_refuses_duplicate_positions_and_mixed_series(tmp_path: Path) -> None:
 def test_refuses_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not dicom")
     _refused(tmp_path, RefusalReason.EMPTY)
+
+
+def test_refuses_undecodable_pixels(tmp_path: Path) -> None:
+    paths, _, _ = _small(tmp_path, transfer_syntax=RLELossless)
+    ds = pydicom.dcmread(paths[0])
+    ds.PixelData = encapsulate([b"\x00" * 64])  # a corrupt RLE stream (no valid header)
+    ds.save_as(paths[0])
+    err = _refused(paths, RefusalReason.UNREADABLE)
+    assert "RLE Lossless" in str(err)

@@ -245,3 +245,42 @@ def test_dataset_manifest_and_cli(tmp_path: Path) -> None:
     rows = read_manifest(manifest)
     assert len(rows) == 3
     assert rows[-1]["modality"] == "MR" and Path(rows[-1]["dicom"]).is_dir()
+
+
+# ---------------------------------------------------------------- models.anatomy on a real liver
+
+
+def test_couinaud_and_pancreas_parts_on_real_masks(shared_data: Path) -> None:
+    from models.anatomy import COUINAUD_ORDER, couinaud_map, pancreas_part_map
+
+    liver, aff = load_nifti_krc(shared_data / "ct_abdomen_3mm" / "labels" / "liver.nii.gz")
+    seg = couinaud_map(liver > 0, aff)
+    assert set(np.unique(seg)) == set(range(10))  # background + all nine segments
+
+    def centre(mask: np.ndarray) -> np.ndarray:
+        return np.argwhere(mask).mean(axis=0) @ aff[:3, :3].T + aff[:3, 3]
+
+    c = {s: centre(seg == i + 1) for i, s in enumerate(COUINAUD_ORDER)}
+    S = SubSite
+    # LPS: +x patient left, +y posterior, +z superior
+    assert c[S.COUINAUD_II][0] > c[S.COUINAUD_IVA][0] > c[S.COUINAUD_VIII][0]
+    assert c[S.COUINAUD_VII][1] > c[S.COUINAUD_VIII][1]  # posterior sector is posterior
+    assert c[S.COUINAUD_VII][2] > c[S.COUINAUD_VI][2]  # above the portal plane
+    assert c[S.COUINAUD_I][1] > c[S.COUINAUD_IVA][1]  # caudate lies posterior
+    # the same physical voxel gets the same segment on a flipped grid
+    flipped = aff.copy()
+    flipped[:3, 3] = (
+        aff[:3, 3] + (liver.shape[1] - 1) * aff[:3, 1] + (liver.shape[2] - 1) * aff[:3, 2]
+    )
+    flipped[:3, 1:3] = -aff[:3, 1:3]
+    seg_f = couinaud_map(liver[:, ::-1, ::-1] > 0, flipped)
+    assert np.array_equal(seg_f[:, ::-1, ::-1], seg)
+    point = np.argwhere(seg == 8)[0]  # a segment VII voxel
+    assert couinaud_segment(point, liver > 0, aff) is S.COUINAUD_VII
+
+    pancreas, paff = load_nifti_krc(shared_data / "ct_abdomen_3mm" / "labels" / "pancreas.nii.gz")
+    parts = pancreas_part_map(pancreas > 0, paff)
+    head = np.argwhere(parts == 1).mean(axis=0) @ paff[:3, :3].T + paff[:3, 3]
+    tail = np.argwhere(parts == 3).mean(axis=0) @ paff[:3, :3].T + paff[:3, 3]
+    assert head[0] < tail[0]  # head on the patient's right
+    assert pancreas_part(pancreas > 0, pancreas > 0, paff) in set(SubSite)
