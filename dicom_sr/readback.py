@@ -140,10 +140,10 @@ def readback(sr: SrRead) -> Readback:
         les = by_uid.get(g.tracking_uid)
         if les is None:
             continue
-        for name, attr in (("Long Axis", "long_axis_xy"), ("Short Axis", "short_axis_xy")):
-            m = g.measurement(name)
-            if m is not None and m.scoords:
-                setattr(les, attr, m.scoords[0].points)
-                les.key_sop_uid = m.scoords[0].referenced_sop_uid
-                les.key_frames = m.scoords[0].referenced_frames
+        for axis_name, attr in (("Long Axis", "long_axis_xy"), ("Short Axis", "short_axis_xy")):
+            axis = g.measurement(axis_name)
+            if axis is not None and axis.scoords:
+                setattr(les, attr, axis.scoords[0].points)
+                les.key_sop_uid = axis.scoords[0].referenced_sop_uid
+                les.key_frames = axis.scoords[0].referenced_frames
     return out
