@@ -388,3 +388,61 @@ def test_kidney_segments_carry_laterality(
         for s in seg.SegmentSequence
     ]
     assert mods == ["7771000", "24028007"]  # left, right
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["single-frame", "enhanced"])
+def test_with_the_node_volume_loader(
+    ct_case: tuple[npt.NDArray[Any], npt.NDArray[np.float64], Masks],
+    tmp_path: Path,
+    enhanced: bool,
+) -> None:
+    """The worker's path: models.loader Volume -> Findings on its grid -> SEG -> same masks."""
+    from models.loader import load_series
+
+    ct, aff, masks = ct_case
+    ct2, aff2, masks2, kw = _reversed(ct, aff, masks)
+    dss = write(ct2, aff2, tmp_path / "ct", seed=f"loader-{enhanced}", **kw)
+    k_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(dss)}
+    sources: list[Dataset] = dss
+    if enhanced:
+        sources = [
+            hd.legacy.LegacyConvertedEnhancedCTImage(
+                dss,
+                series_instance_uid=hd.UID(),
+                series_number=5,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+            )
+        ]
+    volume = load_series(sources)
+    if enhanced:
+        per = sources[0].PerFrameFunctionalGroupsSequence
+        pos = {
+            tuple(round(float(v), 3) for v in ds.ImagePositionPatient): k
+            for k, ds in enumerate(dss)
+        }
+        order = [
+            pos[
+                tuple(
+                    round(float(v), 3)
+                    for v in per[int(fn) - 1].PlanePositionSequence[0].ImagePositionPatient
+                )
+            ]
+            for fn in volume.frame_numbers
+        ]
+    else:
+        order = [k_of[u] for u in volume.sop_instance_uids]
+    on_grid = {name: m[order] for name, m in masks2.items()}
+    assert np.allclose(volume.array, ct2[order], atol=0.5)
+    findings = findings_from_masks(
+        {Organ.LIVER: on_grid["liver"], Organ.PANCREAS: on_grid["pancreas"]},
+        [(Organ.LIVER, LesionKind.MASS, on_grid["lesion1"], None)],
+        volume.affine,
+        volume.sop_instance_uids,
+        volume.series_instance_uid,
+    )
+    frames = list(volume.frame_numbers) or None
+    seg = build_seg(findings, sources, pipeline_version="0.1.0-test", frame_numbers=frames)
+    got = read_seg(seg, list(volume.sop_instance_uids), frame_numbers=frames)
+    assert np.array_equal(got.masks[1], on_grid["liver"])
+    assert np.array_equal(got.masks[3], on_grid["lesion1"])
