@@ -512,6 +512,14 @@ def train(config: TrainConfig, progress: Callable[[str], None] | None = None) ->
     train_cases = [prepare_record(r, config) for r in train_recs]
     val_cases = [prepare_record(r, config) for r in val_recs]
     say(f"preprocessed in {time.monotonic() - started:.0f} s")
+    train_start = time.monotonic()
+    # With a time budget the learning rate follows a cosine over the remaining wall
+    # time (so it has decayed when the budget ends); otherwise over the iterations.
+    deadline = None if config.max_minutes is None else started + 60.0 * config.max_minutes
+
+    def cosine(frac: float) -> float:
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
     weights_by_ch = {ch: CLASS_WEIGHTS.get(name, 1.0) for ch, name in DEFAULT_LABELS.items()}
     case_p = np.array([max(c.weight, 0.0) for c in train_cases], dtype=np.float64)
     if case_p.sum() <= 0:
@@ -523,9 +531,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] | None = None) ->
         net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     total = config.epochs * config.iterations_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: cosine(it / max(total, 1)))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     config.workdir.mkdir(parents=True, exist_ok=True)
     last, best_path = config.workdir / "last.pt", config.workdir / "best.pt"
@@ -565,7 +571,14 @@ def train(config: TrainConfig, progress: Callable[[str], None] | None = None) ->
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
+            if deadline is None:
+                sched.step()
+            else:
+                lr = config.learning_rate * cosine(
+                    (time.monotonic() - train_start) / max(deadline - train_start, 1.0)
+                )
+                for group in opt.param_groups:
+                    group["lr"] = lr
             losses.append(float(loss.detach()))
         final = epoch == config.epochs - 1 or (
             config.max_minutes is not None
