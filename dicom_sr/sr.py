@@ -21,6 +21,7 @@ Content (see docs/dicom-outputs.md for the tree):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -50,8 +51,10 @@ def _intensity_measurements(
     mean: float | None, sd: float | None, ct: bool
 ) -> list[hd.sr.Measurement]:
     out: list[hd.sr.Measurement] = []
-    if mean is None:
+    if mean is None or not math.isfinite(mean):
         return out
+    if sd is not None and not math.isfinite(sd):
+        sd = None
     if ct:
         out.append(hd.sr.Measurement(codes.MEAN_ATTENUATION, mean, codes.HOUNSFIELD))
         if sd is not None:
@@ -301,6 +304,17 @@ def build_sr(
     """Build the TID 1500 Comprehensive 3D SR referencing ``seg`` and the source images."""
     opts = options or OutputOptions(pipeline_version=findings.provenance.pipeline_version)
     series = order_sources(findings, source_datasets, frame_numbers)
+    try:
+        return _build_sr(findings, series, seg, opts)
+    except BuildError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise BuildError(f"SR could not be built: {exc}") from exc
+
+
+def _build_sr(
+    findings: Findings, series: SourceSeries, seg: Dataset, opts: OutputOptions
+) -> hd.sr.Comprehensive3DSR:
     p = findings.provenance
     ct = _is_ct(series)
     seg_numbers = {s.finding_id: s.number for s in plan_segments(findings)}
@@ -397,22 +411,19 @@ def build_sr(
     )
     report[0].ContentSequence.append(_text_container(findings, opts))
     evidence = [*series.datasets, seg]
-    try:
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=report[0],
-            series_instance_uid=output_uid(p.input_series_uid, opts.pipeline_version, "sr"),
-            series_number=opts.series_number_base + SERIES_OFFSETS["sr"],
-            sop_instance_uid=output_uid(p.input_series_uid, opts.pipeline_version, "sr", "1"),
-            instance_number=1,
-            manufacturer=opts.manufacturer,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            institution_name=opts.institution_name,
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise BuildError(f"SR could not be built: {exc}") from exc
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=output_uid(p.input_series_uid, opts.pipeline_version, "sr"),
+        series_number=opts.series_number_base + SERIES_OFFSETS["sr"],
+        sop_instance_uid=output_uid(p.input_series_uid, opts.pipeline_version, "sr", "1"),
+        instance_number=1,
+        manufacturer=opts.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=opts.institution_name,
+    )
     copy_study_attributes(sr, series.first)
     sr.SeriesDescription = opts.describe("AI measurements TID1500")
     return sr

@@ -411,3 +411,17 @@ def test_readback_of_another_tools_sr(shared_data: Path) -> None:
     (organ,) = rb.organs.values()
     assert organ.volume_ml == pytest.approx(70.36, abs=0.01)
     assert organ.mean == pytest.approx(37.33, abs=0.01)
+
+
+def test_invalid_numbers_are_refused_with_build_error(case: Case) -> None:
+    from dicom_sr import BuildError, build_sr
+
+    f = case.findings
+    broken = dataclasses.replace(
+        f, lesions=(dataclasses.replace(f.lesions[0], volume_ml=float("nan")), *f.lesions[1:])
+    )
+    seg = next(ds for kind, ds in case.objects if kind == "seg")
+    with pytest.raises(BuildError, match="SR could not be built: .*non-finite"):
+        build_sr(broken, case.sources, seg)
+    with pytest.raises(BuildError, match="pipeline_version"):
+        OutputOptions(pipeline_version=" ")
