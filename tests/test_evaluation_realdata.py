@@ -138,3 +138,17 @@ def test_mr_results_on_another_grid_match_simpleitk(shared_data: Path, tmp_path:
         f.Execute(r_img, p_on_r)
         assert rows[name]["dice"] == pytest.approx(f.GetDiceCoefficient(), abs=1e-3), name
         assert 0.5 < rows[name]["dice"] < 1.0
+
+
+def test_builtin_seg_reader_matches_dicom_sr_reader(shared_data: Path) -> None:
+    """The harness's own highdicom adapter (used where dicom_sr is not plugged in) reads
+    the real dcmqi liver SEG exactly as ``dicom_sr.readers`` does."""
+    from models.evaluation.dataset import read_seg
+    from node.cli_evaluate import seg_reader
+
+    path = shared_data / "ct_liver_3slice" / "liver_seg.dcm"
+    ours, theirs = read_seg(path), seg_reader(path)
+    assert set(ours.structures) == set(theirs.structures) == {"liver"}
+    assert np.array_equal(ours.structures["liver"], theirs.structures["liver"])
+    assert np.allclose(ours.affine, theirs.affine)
+    assert int(ours.structures["liver"].sum()) == 107098
