@@ -421,7 +421,7 @@ def test_invalid_numbers_are_refused_with_build_error(case: Case) -> None:
         f, lesions=(dataclasses.replace(f.lesions[0], volume_ml=float("nan")), *f.lesions[1:])
     )
     seg = next(ds for kind, ds in case.objects if kind == "seg")
-    with pytest.raises(BuildError, match="SR could not be built: .*non-finite"):
+    with pytest.raises(BuildError, match=r"SR could not be built: .*non-finite"):
         build_sr(broken, case.sources, seg)
     with pytest.raises(BuildError, match="pipeline_version"):
         OutputOptions(pipeline_version=" ")
