@@ -179,13 +179,13 @@ def build_key_objects(
     description = "Key slices of AI-detected lesions"
     if opts.not_for_clinical_use:
         description += f" [{opts.marking}]"
-    content = hd.ko.KeyObjectSelection(
-        document_title=codes.OF_INTEREST,
-        referenced_objects=referenced,
-        observer_device_context=device,
-        description=description,
-    )
     try:
+        content = hd.ko.KeyObjectSelection(
+            document_title=codes.OF_INTEREST,
+            referenced_objects=referenced,
+            observer_device_context=device,
+            description=description,
+        )
         ko = hd.ko.KeyObjectSelectionDocument(
             evidence=referenced,
             content=content,
