@@ -80,6 +80,9 @@ class WorkerSettings(_Section):
 class ModelSettings(_Section):
     bundle: Path | None = None  # None: the demo bundle shipped in models/
     device: str = "cpu"
+    # Only a bundle you wrote yourself may be trusted: its configs then go through
+    # MONAI's ConfigParser ($ expressions, @ references). Untrusted: plain JSON only.
+    trusted_bundle: bool = False
 
 
 class ExportSettings(_Section):
