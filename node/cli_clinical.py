@@ -32,13 +32,13 @@ def register(subparsers: Any) -> None:
 
 
 def _sessions(args: argparse.Namespace) -> tuple[Any, Any]:
-    from node.clinical.store import ensure_tables
     from node.db import create_engine_for, session_factory
+    from node.migrate import upgrade
     from node.settings import load_settings
 
     settings = load_settings(Path(args.config) if args.config else None)
+    upgrade(settings.database.url)  # the clinical tables are in the node's migrations
     engine = create_engine_for(settings.database.url)
-    ensure_tables(engine)
     return settings, session_factory(engine)
 
 
