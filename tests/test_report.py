@@ -270,3 +270,31 @@ def test_composition_with_llm_url(fake_llm: FakeOpenAI) -> None:
     url = f"http://127.0.0.1:{fake_llm.server_address[1]}/v1"
     out = with_diagnoses_and_report(base_findings(), context_from_labs({"AFP": 412.0}), llm_url=url)
     assert fake_llm.requests and check_report(out) == []
+
+
+def test_report_on_real_ct_measurements(shared_data: Any) -> None:
+    """Real CT (TotalSegmentator example) measured with models.measure: the report states
+    the measured volumes and attenuation and passes the check."""
+    from models.measure import ArrayGrid, measure_organ
+    from models.nifti import load_nifti_krc
+
+    base = shared_data / "ct_abdomen_3mm"
+    ct, affine = load_nifti_krc(base / "ct.nii.gz")
+    grid = ArrayGrid(ct, affine)
+    organs = []
+    for organ, name in (
+        (Organ.LIVER, "liver"),
+        (Organ.SPLEEN, "spleen"),
+        (Organ.PANCREAS, "pancreas"),
+        (Organ.GALLBLADDER, "gallbladder"),
+    ):
+        mask, _ = load_nifti_krc(base / "labels" / f"{name}.nii.gz")
+        organs.append(measure_organ(grid, mask > 0, organ))
+    prov = Provenance("real-ct-test", "0", "", "p", "1.2.3", ())
+    findings = Findings(tuple(organs), (), (), (), prov)
+    out = with_diagnoses_and_report(findings, context_from_labs({"ALT": 30.0}, age=60, sex="F"))
+    assert check_report(out) == []
+    liver = next(o for o in organs if o.organ == Organ.LIVER)
+    assert liver.volume_ml == pytest.approx(1120, rel=0.05)  # 41,602 voxels x 27 mm3
+    assert f"Liver: volume {liver.volume_ml:.0f} ml" in out.report_text("findings")
+    assert "No focal liver lesion is detected." in out.report_text("findings")
