@@ -120,6 +120,7 @@ def test_dsrdump_parses_the_sr(case: Case) -> None:
     (sr_path,) = case.paths["sr"]
     res = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
+    assert not [line for line in res.stderr.splitlines() if line.startswith(("E:", "F:"))]
     assert "Imaging Measurement Report" in res.stdout
     assert "Comprehensive 3D SR" in res.stdout
     (ko_path,) = case.paths["ko"]
