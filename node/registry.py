@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from sqlalchemy import select
@@ -87,8 +88,16 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip().rstrip("\x00")
+    """A UID as its raw bytes say (no pydicom value validation, which may warn or raise)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return ""
+    raw = ds.get_item(tag)
+    value = raw.value if raw is not None else None
+    if value is None:
+        return ""
+    text = value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
+    return text.strip(" \x00")
 
 
 def body_offset(data: bytes) -> int | None:
@@ -100,6 +109,31 @@ def body_offset(data: bytes) -> int | None:
     (group_length,) = struct.unpack("<I", data[140:144])
     offset = 144 + group_length
     return offset if offset <= len(data) else None
+
+
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN"
+    b" UR US UT UV".split()
+)
+
+
+def _check_encoding(body: bytes, transfer_syntax: UID) -> None:
+    """Refuse a data set whose first element is not encoded as the transfer syntax says.
+
+    pydicom would silently switch to the encoding it finds (and the file on disk
+    would then contradict its own meta), so the node checks before parsing.
+    """
+    if transfer_syntax.is_deflated or len(body) < 8:
+        return
+    little = transfer_syntax.is_little_endian
+    group = int.from_bytes(body[0:2], "little" if little else "big")
+    looks_explicit = body[4:6] in _VRS
+    if not 0x0004 <= group <= 0x7FE0 or looks_explicit != (not transfer_syntax.is_implicit_VR):
+        raise IngestError(
+            f"data set is not encoded as its transfer syntax {transfer_syntax}"
+            f" ({transfer_syntax.name}) says",
+            STATUS_CANNOT_UNDERSTAND,
+        )
 
 
 def _check_pixel_data(ds: Dataset, data: bytes, transfer_syntax: UID, sop: str) -> None:
@@ -143,8 +177,11 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
             STATUS_CANNOT_UNDERSTAND,
         )
     try:
+        meta = dcmread(BytesIO(data[:offset])).file_meta  # preamble and group 0002 only
+        transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "")).strip(" \x00"))
+        if transfer_syntax.is_transfer_syntax:
+            _check_encoding(data[offset : offset + 8], transfer_syntax)
         ds = dcmread(BytesIO(data), force=False)
-        transfer_syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")).strip())
         sop_class = _uid(ds, "SOPClassUID")
         sop = _uid(ds, "SOPInstanceUID")
         study = _uid(ds, "StudyInstanceUID")
@@ -171,6 +208,11 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
     except IngestError:
         raise
     except Exception as exc:  # hostile input can fail pydicom in many ways
+        if "before delimiter" in str(exc):  # pydicom's warning, raised where warnings are errors
+            raise IngestError(
+                "encapsulated pixel data ends without its delimiter (file truncated)",
+                STATUS_TRUNCATED,
+            ) from exc
         raise IngestError(
             f"cannot parse the DICOM data set: {type(exc).__name__}: {str(exc)[:200]}",
             STATUS_CANNOT_UNDERSTAND,

@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -45,27 +46,33 @@ def post(
     return client.post(url, content=body, headers={"Content-Type": ctype})
 
 
+@contextmanager
+def serve_app(node: IngestNode) -> Iterator[httpx.Client]:
+    """The STOW router on a real uvicorn server on a free port, and a client for it."""
+    app = FastAPI()
+    app.include_router(stow_router(node.store))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture()
 def stow(tmp_path: Path) -> Iterator[tuple[IngestNode, httpx.Client]]:
-    with running_node(tmp_path) as node:
-        app = FastAPI()
-        app.include_router(stow_router(node.store))
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-                yield node, client
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+    with running_node(tmp_path) as node, serve_app(node) as client:
+        yield node, client
 
 
 def test_stow_stores_instances_and_answers_dicom_json(
