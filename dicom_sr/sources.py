@@ -82,6 +82,16 @@ def order_sources(
         if fn is not None and not 1 <= fn <= nframes:
             raise BuildError(f"frame number {fn} out of range for instance {u} ({nframes} frames)")
         slices.append(SourceSlice(ds, fn))
+    seen: dict[tuple[str, int | None], int] = {}
+    for k, key in enumerate(zip(uids, frames, strict=True)):
+        if key in seen:
+            raise BuildError(
+                f"volume slices {seen[key]} and {k} both come from source instance {key[0]}"
+                + (f" frame {key[1]}" if key[1] is not None else "")
+                + ": the findings are on a resampled grid; DICOM objects need masks on the "
+                "source slices"
+            )
+        seen[key] = k
     datasets = tuple(by_uid[u] for u in dict.fromkeys(uids))
     return SourceSeries(datasets, tuple(slices))
 

@@ -446,3 +446,21 @@ def test_with_the_node_volume_loader(
     got = read_seg(seg, list(volume.sop_instance_uids), frame_numbers=frames)
     assert np.array_equal(got.masks[1], on_grid["liver"])
     assert np.array_equal(got.masks[3], on_grid["lesion1"])
+
+
+def test_resampled_grid_is_refused(
+    ct_case: tuple[npt.NDArray[Any], npt.NDArray[np.float64], Masks], tmp_path: Path
+) -> None:
+    ct, aff, masks = ct_case
+    dss = write(ct[:20], aff, tmp_path / "ct", seed="resampled")
+    uids = [str(d.SOPInstanceUID) for d in dss]
+    uids[5] = uids[4]  # two volume slices from one source image (nearest-slice resampling)
+    findings = findings_from_masks(
+        {Organ.LIVER: masks["liver"][:20] | masks["pancreas"][:20]},
+        [],
+        aff,
+        uids,
+        str(dss[0].SeriesInstanceUID),
+    )
+    with pytest.raises(BuildError, match="resampled grid"):
+        build_seg(findings, dss, pipeline_version="1")
