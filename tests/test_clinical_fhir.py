@@ -184,3 +184,46 @@ def test_recorded_bundles_are_valid_r4_json() -> None:
     for path in sorted(DATA.glob("*-search*.json")):
         bundle = Bundle.model_validate(json.loads(path.read_text(encoding="utf-8")))
         assert bundle.type == "searchset", path.name
+
+
+def test_context_for_a_study_row_fetches_stores_and_links(
+    fhir_server: RecordedFhir, tmp_path: Path
+) -> None:
+    """The worker's call: node.db Study rows, FHIR fetch, store, link."""
+    from node.clinical.linking import context_for_study
+    from node.db import Base, Study
+    from node.settings import ClinicalSettings
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    Base.metadata.create_all(engine)  # node tables and the clinical tables share the metadata
+    settings = ClinicalSettings(
+        fhir_base_url=fhir_server.base, fhir_identifier_systems={"HOSP": "urn:oid:1.2.3.4"}
+    )
+    with sessionmaker(engine)() as s:
+        ct = Study(
+            study_instance_uid="1.2.3.1",
+            patient_id="P123",
+            issuer_of_patient_id="HOSP",
+            accession_number="A-CT",
+            study_date="20260310",
+        )
+        mr = Study(
+            study_instance_uid="1.2.3.2",
+            patient_id="P123",
+            issuer_of_patient_id="HOSP",
+            accession_number="A-MR",
+            study_date="20260310",
+        )
+        s.add_all([ct, mr])
+        s.commit()
+        ctx, problems = context_for_study(s, ct, settings, study_time="090000", age=64, sex="M")
+        s.commit()
+        assert problems == []
+        assert ctx.lab_values()["AFP"] == 412.0 and ctx.age == 64
+        assert "Chronic hepatitis B" in ctx.history
+
+        broken = ClinicalSettings(fhir_base_url=fhir_server.base + "/broken")
+        ctx2, problems2 = context_for_study(s, mr, broken, study_time="150000")
+        assert problems2 and "HTTP 500" in problems2[0]
+        assert ctx2.lab_values()["AFP"] == 412.0  # stored data still used
+    engine.dispose()

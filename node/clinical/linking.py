@@ -33,8 +33,11 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from models.findings import ClinicalValue
 from models.labs import LAB_PANEL, ClinicalContext
-from node.clinical.store import ClinicalNote, ClinicalObservation
+from node.clinical.fhir import FhirClient
+from node.clinical.store import ClinicalNote, ClinicalObservation, store_batch
+from node.db import Study
 from node.errors import ClinicalDataError
+from node.settings import ClinicalSettings
 
 
 @dataclass(frozen=True)
@@ -168,3 +171,81 @@ def _history(session: Session, study: StudyKey, end: datetime, allow_missing_iss
         if text not in parts:
             parts.append(text)
     return " ".join(parts)
+
+
+def study_key(
+    session: Session,
+    study: Study,
+    *,
+    study_time: str = "",
+    age: int | None = None,
+    sex: str | None = None,
+) -> StudyKey:
+    """The StudyKey of a ``node.db.Study`` row; other studies of the patient give
+    the accession numbers whose results are theirs."""
+    others: tuple[str, ...] = ()
+    if study.patient_id.strip():
+        q = select(Study.accession_number).where(
+            Study.patient_id == study.patient_id,
+            Study.issuer_of_patient_id == study.issuer_of_patient_id,
+            Study.id != study.id,
+            Study.accession_number != "",
+        )
+        others = tuple(a for a in session.execute(q).scalars() if a != study.accession_number)
+    return StudyKey(
+        patient_id=study.patient_id,
+        issuer=study.issuer_of_patient_id,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        study_time=study_time,
+        age=age,
+        sex=sex,
+        other_accessions=others,
+    )
+
+
+def context_for_study(
+    session: Session,
+    study: Study,
+    settings: ClinicalSettings,
+    *,
+    study_time: str = "",
+    age: int | None = None,
+    sex: str | None = None,
+    fhir: FhirClient | None = None,
+) -> tuple[ClinicalContext, list[str]]:
+    """Fetch from FHIR (when configured), store, and link: the worker's one call.
+
+    An unreachable or failing FHIR server does not fail the job: the stored data
+    are used and the problem is returned (for the job record) as the second item.
+    The caller commits the session.
+    """
+    key = study_key(session, study, study_time=study_time, age=age, sex=sex)
+    problems: list[str] = []
+    if key.patient_id.strip() and (fhir is not None or settings.fhir_base_url):
+        client = fhir or FhirClient(str(settings.fhir_base_url), timeout_s=settings.fhir_timeout_s)
+        try:
+            system = settings.fhir_identifier_systems.get(key.issuer, key.issuer)
+            labs, notes = client.fetch(
+                system=system,
+                patient_id=key.patient_id,
+                issuer=key.issuer,
+                study_time=key.when(),
+                days_before=settings.days_before,
+                hours_after=settings.hours_after,
+            )
+            with session.begin_nested():
+                store_batch(session, labs, notes, where="FHIR")
+        except ClinicalDataError as exc:
+            problems.append(f"clinical data from FHIR not used: {exc}")
+        finally:
+            if fhir is None:
+                client.close()
+    ctx = clinical_context(
+        session,
+        key,
+        days_before=settings.days_before,
+        hours_after=settings.hours_after,
+        allow_missing_issuer=settings.allow_missing_issuer,
+    )
+    return ctx, problems
