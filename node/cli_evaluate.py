@@ -1,8 +1,8 @@
 """``hpb-node evaluate``: the clinical study's outcome measures on a site's own data.
 
 Reads a reference set and the model's results (folders in the layout of
-``docs/evaluation.md``; results optionally fetched from the PACS over DICOMweb,
-or computed now by running the model on the reference studies), writes
+``docs/evaluation.md``; results optionally fetched from the PACS over DICOMweb
+or C-GET, or computed now by running the model on the reference studies), writes
 ``evaluation.json`` and ``evaluation.html`` into ``--out``, and exits 0 when
 every ``--threshold`` is met, 1 when one is not (2 on errors).
 """
@@ -34,7 +34,13 @@ from models.evaluation.dataset import (
     is_lesion_label,
     structure_name,
 )
-from models.evaluation.pacs import DicomWebClient, PacsFetchError, fetch_results
+from models.evaluation.pacs import (
+    DicomWebClient,
+    DimsePeer,
+    PacsFetchError,
+    cget_results,
+    fetch_results,
+)
 from node.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--pacs-user", help="user:password for the PACS (HTTP basic)")
     p.add_argument(
+        "--pacs-dimse",
+        metavar="HOST:PORT:AET",
+        help="fetch results with DIMSE C-GET from this PACS instead of DICOMweb",
+    )
+    p.add_argument("--calling-aet", default="HPBEVAL", help="our AE title for --pacs-dimse")
+    p.add_argument(
         "--study",
         action="append",
         default=[],
@@ -190,15 +202,17 @@ def run(args: argparse.Namespace) -> int:
         thresholds = [Threshold.parse(t) for t in args.threshold]
     except ThresholdError as exc:
         raise ConfigError(str(exc)) from exc
-    sources = sum(bool(x) for x in (args.results, args.pacs_url, args.run_model))
+    sources = sum(bool(x) for x in (args.results, args.pacs_url, args.pacs_dimse, args.run_model))
     if sources != 1:
-        raise ConfigError("give exactly one of --results, --pacs-url (with --study) or --run-model")
+        raise ConfigError(
+            "give exactly one of --results, --pacs-url or --pacs-dimse (with --study), or --run-model"
+        )
     readers = _readers()
     try:
         reference = load_set(args.reference, reference=True, **readers)
-        if args.pacs_url:
+        if args.pacs_url or args.pacs_dimse:
             if not args.study:
-                raise ConfigError("--pacs-url needs at least one --study CASE=STUDYUID")
+                raise ConfigError("fetching from the PACS needs at least one --study CASE=STUDYUID")
             studies = {}
             for item in args.study:
                 case, sep, uid = item.partition("=")
@@ -206,10 +220,18 @@ def run(args: argparse.Namespace) -> int:
                     raise ConfigError(f"--study {item!r} is not CASE=STUDYUID")
                 studies[case] = uid
             fetched = args.out / "fetched"
-            auth = tuple(args.pacs_user.split(":", 1)) if args.pacs_user else None
             try:
-                with DicomWebClient(args.pacs_url, auth=auth) as client:  # type: ignore[arg-type]
-                    fetch_results(client, studies, fetched)
+                if args.pacs_dimse:
+                    cget_results(
+                        DimsePeer.parse(args.pacs_dimse),
+                        studies,
+                        fetched,
+                        calling_aet=args.calling_aet,
+                    )
+                else:
+                    auth = tuple(args.pacs_user.split(":", 1)) if args.pacs_user else None
+                    with DicomWebClient(args.pacs_url, auth=auth) as client:  # type: ignore[arg-type]
+                        fetch_results(client, studies, fetched)
             except PacsFetchError as exc:
                 raise PipelineError(f"fetching results from the PACS failed: {exc}") from exc
             results = load_set(fetched, reference=False, **readers)

@@ -1,5 +1,6 @@
-"""Results read back from a real Orthanc over DICOMweb (QIDO-RS + WADO-RS): a SEG
-drawn by another tool and its TID 1500 SR, evaluated against a reference mask."""
+"""Results read back from a real Orthanc over DICOMweb (QIDO-RS + WADO-RS) and over
+C-GET: a SEG drawn by another tool and its TID 1500 SR, evaluated against a
+reference mask."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from tests.support.orthanc_eval import run_orthanc
 pytestmark = pytest.mark.orthanc
 
 
-def test_seg_and_sr_fetched_from_orthanc(shared_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["dicomweb", "cget"])
+def test_seg_and_sr_fetched_from_orthanc(shared_data: Path, tmp_path: Path, transport: str) -> None:
     src = shared_data / "ct_liver_3slice"
     sr_file = shared_data / "interop" / "tid1500" / "dcmqi_liver_result.dcm"
     study_uid = str(
@@ -43,11 +45,16 @@ def test_seg_and_sr_fetched_from_orthanc(shared_data: Path, tmp_path: Path) -> N
     with run_orthanc(tmp_path / "orthanc") as pacs:
         for f in (src / "01.dcm", src / "02.dcm", src / "03.dcm", src / "liver_seg.dcm", sr_file):
             assert pacs.upload(f)["Status"] in ("Success", "AlreadyStored")
+        source = (
+            ["--pacs-url", pacs.dicomweb]
+            if transport == "dicomweb"
+            else ["--pacs-dimse", f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}"]
+        )
         code = main(
             [
                 "evaluate",
                 "--reference", str(ref_dir),
-                "--pacs-url", pacs.dicomweb,
+                *source,
                 "--study", f"liver3={study_uid}",
                 "--out", str(out),
                 "--threshold", "dice.liver>=0.8",
@@ -70,4 +77,6 @@ def test_seg_and_sr_fetched_from_orthanc(shared_data: Path, tmp_path: Path) -> N
     assert vol["structure"] == "liver"
     assert vol["sr_ml"] == pytest.approx(70.3619, abs=1e-3)
     assert vol["mask_ml"] == pytest.approx(vol["sr_ml"], rel=2e-3)
-    assert row["volume_pred_ml"] == pytest.approx(vol["mask_ml"], rel=1e-6)  # NIfTI affine is float32
+    assert row["volume_pred_ml"] == pytest.approx(
+        vol["mask_ml"], rel=1e-6
+    )  # NIfTI affine is float32

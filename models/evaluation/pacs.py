@@ -1,4 +1,5 @@
-"""Reading a model's results (SEG, SR) and their studies back from a PACS over DICOMweb.
+"""Reading a model's results (SEG, SR) and their studies back from a PACS: DICOMweb
+(QIDO-RS + WADO-RS) or DIMSE C-GET.
 
 QIDO-RS finds the series of each study; WADO-RS retrieves every instance as
 ``application/dicom``. Files are laid out as an evaluation results folder
@@ -12,6 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -131,6 +133,120 @@ def fetch_results(
             counts["image"],
             case_id,
         )
+        fetched.append(
+            FetchedStudy(
+                case_id, study_uid, counts[SEG_MODALITY], counts[SR_MODALITY], counts["image"]
+            )
+        )
+    return fetched
+
+
+# ---------------------------------------------------------------------------
+# DIMSE C-GET
+
+
+@dataclass(frozen=True)
+class DimsePeer:
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> DimsePeer:
+        """``HOST:PORT:AET`` (e.g. ``127.0.0.1:4242:ORTHANC``)."""
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2]:
+            raise PacsFetchError(f"PACS {text!r} is not HOST:PORT:AET")
+        return cls(parts[0], int(parts[1]), parts[2])
+
+
+def _storage_classes() -> list[str]:
+    from pydicom.uid import (
+        ComprehensiveSRStorage,
+        CTImageStorage,
+        EnhancedCTImageStorage,
+        EnhancedMRImageStorage,
+        EnhancedSRStorage,
+        MRImageStorage,
+        SegmentationStorage,
+    )
+
+    return [
+        CTImageStorage,
+        MRImageStorage,
+        EnhancedCTImageStorage,
+        EnhancedMRImageStorage,
+        SegmentationStorage,
+        EnhancedSRStorage,
+        ComprehensiveSRStorage,
+        "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+        "1.2.840.10008.5.1.4.1.1.30",  # Parametric map (fractional results)
+    ]
+
+
+def cget_results(
+    peer: DimsePeer,
+    studies: dict[str, str],
+    dest: Path,
+    *,
+    calling_aet: str = "HPBEVAL",
+    images: bool = True,
+    timeout: float = 60.0,
+) -> list[FetchedStudy]:
+    """Fetch each study with C-GET (study root) into an evaluation results folder; the
+    instances arrive as C-STOREs on the same association and are laid out by modality."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+
+    fetched: list[FetchedStudy] = []
+    for case_id, study_uid in studies.items():
+        counts = {SEG_MODALITY: 0, SR_MODALITY: 0, "image": 0}
+
+        def on_store(event: evt.Event, case: str = case_id, n: dict[str, int] = counts) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            modality = str(getattr(ds, "Modality", ""))
+            if modality == SEG_MODALITY:
+                folder, kind = dest / "masks" / case, SEG_MODALITY
+            elif modality == SR_MODALITY:
+                folder, kind = dest / "sr" / case, SR_MODALITY
+            elif images:
+                folder, kind = dest / "images" / case, "image"
+            else:
+                return 0x0000
+            folder.mkdir(parents=True, exist_ok=True)
+            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            n[kind] += 1
+            return 0x0000
+
+        ae = AE(ae_title=calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        roles: list[Any] = []
+        for uid in _storage_classes():
+            ae.add_requested_context(uid)
+            roles.append(build_role(uid, scp_role=True))
+        assoc = ae.associate(
+            peer.host, peer.port, ae_title=peer.ae_title, ext_neg=roles,
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )  # fmt: skip
+        if not assoc.is_established:
+            raise PacsFetchError(
+                f"association with {peer.ae_title} at {peer.host}:{peer.port} was not accepted"
+            )
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        final = None
+        try:
+            for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+                if status is not None and "Status" in status:
+                    final = int(status.Status)
+        finally:
+            assoc.release()
+        if final is None or final not in (0x0000, 0xB000):
+            code = "no answer" if final is None else f"status 0x{final:04X}"
+            raise PacsFetchError(f"C-GET of study for case {case_id} failed ({code})")
         fetched.append(
             FetchedStudy(
                 case_id, study_uid, counts[SEG_MODALITY], counts[SR_MODALITY], counts["image"]

@@ -73,6 +73,9 @@ def run_orthanc(workdir: Path, *, ready_timeout: float = 60.0) -> Iterator[Ortha
         "Plugins": [str(plugin)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "HttpTimeout": 30,
+        # C-GET from a calling AE not declared in DicomModalities (the evaluation's)
+        "DicomAlwaysAllowGet": True,
+        "DicomAlwaysAllowEcho": True,
     }
     cfg = workdir / "orthanc.json"
     cfg.write_text(json.dumps(config))
