@@ -258,9 +258,10 @@ def render_html(
         parts.append("<h2>Thresholds</h2><ul>")
         for c in result["thresholds"]:
             cls = "pass" if c["met"] else "fail"
+            why = f" ({html.escape(c['reason'])})" if c.get("reason") else ""
             parts.append(
                 f"<li class='{cls}'>{html.escape(c['threshold'])}: {_fmt(c['value'])} — "
-                f"{'met' if c['met'] else 'NOT met'}</li>"
+                f"{'met' if c['met'] else 'NOT met'}{why}</li>"
             )
         parts.append("</ul>")
     diag = result.get("diagnosis", {})
