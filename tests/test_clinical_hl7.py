@@ -125,3 +125,60 @@ def test_parse_ts_and_parse_oru_directly() -> None:
     assert parse_ts("2026-03-10", berlin) is None
     msg = parse_oru(message("oru_r01_valid.hl7"))
     assert msg.control_id == "LAB-0001" and msg.skipped == 1 and len(msg.labs) == 5
+
+
+def test_cli_listener_end_to_end(tmp_path: Path) -> None:
+    """``hpb-node clinical listen`` as a process: real MLLP exchange, stored in its database."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, free_port
+
+    port = free_port()
+    db = tmp_path / "node.db"
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(f"database:\n  url: sqlite:///{db}\n")
+    log = tmp_path / "listen.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "--config",
+                str(cfg),
+                "clinical",
+                "listen",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # wait for readiness: the port accepts connections
+                assert proc.poll() is None, log.read_text()
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "listener did not come up"
+                    time.sleep(0.1)
+            with MLLPClient("127.0.0.1", port) as client:
+                ack = client.send_message(message("oru_r01_valid.hl7"))
+            assert b"MSA|AA|LAB-0001" in ack
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    assert proc.returncode == 0
+    engine = create_engine(f"sqlite:///{db}")
+    with sessionmaker(engine)() as s:
+        assert s.execute(select(func.count(ClinicalObservation.id))).scalar_one() == 4
+    engine.dispose()
