@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "age_from_dicom",
     "by_code",
     "by_name",
+    "demographics",
     "normalise",
     "sex_from_dicom",
 ]
@@ -388,6 +390,13 @@ def sex_from_dicom(patient_sex: str) -> str | None:
     """ "M" or "F" from PatientSex; None for "O", empty or anything else."""
     s = patient_sex.strip().upper()
     return s if s in ("M", "F") else None
+
+
+def demographics(headers: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    """Age and sex from a volume's DICOM headers (``Volume.headers``)."""
+    text = {k: str(headers.get(k) or "") for k in ("PatientAge", "PatientBirthDate", "StudyDate")}
+    age = age_from_dicom(text["PatientAge"], text["PatientBirthDate"], text["StudyDate"])
+    return age, sex_from_dicom(str(headers.get("PatientSex") or ""))
 
 
 # ---------------------------------------------------------------------------

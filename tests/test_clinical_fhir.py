@@ -223,7 +223,9 @@ def test_context_for_a_study_row_fetches_stores_and_links(
         assert "Chronic hepatitis B" in ctx.history
 
         broken = ClinicalSettings(fhir_base_url=fhir_server.base + "/broken")
-        ctx2, problems2 = context_for_study(s, mr, broken, study_time="150000")
+        headers = {"StudyTime": "150000", "PatientAge": "064Y", "PatientSex": "M"}
+        ctx2, problems2 = context_for_study(s, mr, broken, headers=headers)
+        assert ctx2.age == 64 and ctx2.sex == "M"
         assert problems2 and "HTTP 500" in problems2[0]
         assert ctx2.lab_values()["AFP"] == 412.0  # stored data still used
     engine.dispose()

@@ -24,15 +24,16 @@ Rules (also in ``docs/multimodal.md``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from models.findings import ClinicalValue
-from models.labs import LAB_PANEL, ClinicalContext
+from models.labs import LAB_PANEL, ClinicalContext, demographics
 from node.clinical.fhir import FhirClient
 from node.clinical.store import ClinicalNote, ClinicalObservation, store_batch
 from node.db import Study
@@ -213,6 +214,7 @@ def context_for_study(
     age: int | None = None,
     sex: str | None = None,
     fhir: FhirClient | None = None,
+    headers: Mapping[str, Any] | None = None,
 ) -> tuple[ClinicalContext, list[str]]:
     """Fetch from FHIR (when configured), store, and link: the worker's one call.
 
@@ -220,6 +222,11 @@ def context_for_study(
     are used and the problem is returned (for the job record) as the second item.
     The caller commits the session.
     """
+    if headers is not None:  # a Volume's DICOM headers: StudyTime, age, sex
+        h_age, h_sex = demographics(headers)
+        age = age if age is not None else h_age
+        sex = sex if sex is not None else h_sex
+        study_time = study_time or str(headers.get("StudyTime") or "")
     key = study_key(session, study, study_time=study_time, age=age, sex=sex)
     problems: list[str] = []
     if key.patient_id.strip() and (fhir is not None or settings.fhir_base_url):
