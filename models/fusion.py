@@ -68,7 +68,6 @@ class FusionError(ValueError):
 # ---------------------------------------------------------------------------
 # image features
 
-_LESION_ORGANS = (Organ.LIVER, Organ.PANCREAS, Organ.GALLBLADDER)
 _CLASSES: dict[str, tuple[LesionKind, ...]] = {
     "solid": (LesionKind.MASS, LesionKind.NODULE),
     "cyst": (LesionKind.CYST,),

@@ -43,7 +43,7 @@ from models.findings import (
     OrganFinding,
     Provenance,
 )
-from models.labs import LAB_PANEL, by_name
+from models.labs import LAB_PANEL
 from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
 
 __all__ = [
@@ -647,7 +647,3 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
         notes=("image features from ground-truth case + measurement noise, not from the network",),
     )
     return Findings(tuple(organs), tuple(lesions), (), (), prov)
-
-
-def lab_reference(name: str) -> tuple[float, float]:
-    return by_name(name).reference

@@ -24,7 +24,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -276,13 +275,3 @@ def _exists_note(session: Session, source: str, ref: str, kind: str) -> bool:
         ClinicalNote.source == source, ClinicalNote.source_ref == ref, ClinicalNote.kind == kind
     )
     return session.execute(q.limit(1)).first() is not None
-
-
-def row_summary(row: Any) -> dict[str, Any]:
-    """A loggable / printable summary of a stored row (no patient identifier)."""
-    return {
-        "name": getattr(row, "name", getattr(row, "kind", "")),
-        "value": getattr(row, "value", None),
-        "unit": getattr(row, "unit", ""),
-        "source": row.source,
-    }
