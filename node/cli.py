@@ -19,6 +19,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.cli_clinical",
     "node.cli_admin",
     "node.cli_pull",
+    "node.cli_serve",
+    "node.cli_rules",
 )
 
 
