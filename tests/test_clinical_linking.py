@@ -298,3 +298,59 @@ def test_bad_import_files_store_nothing(tmp_path: Path, capsys: pytest.CaptureFi
     with sessionmaker(engine)() as s:
         assert s.execute(select(func.count(ClinicalObservation.id))).scalar_one() == 0
     engine.dispose()
+
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture()
+def pg_url() -> Iterator[str]:
+    import uuid
+
+    from sqlalchemy import text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"hpb_clin_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # no server on this machine
+        admin.dispose()
+        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} not usable: {exc}")
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_store_and_link_on_postgresql(pg_url: str) -> None:
+    """The same rules on PostgreSQL, schema from the node's Alembic migrations."""
+    from node.migrate import upgrade
+
+    upgrade(pg_url)
+    engine = create_engine(pg_url)
+    try:
+        with sessionmaker(engine)() as s:
+            with s.begin():
+                store_batch(
+                    s,
+                    [
+                        lab("1742-6", 40, "U/L", t(10, 7)),
+                        lab("1742-6", 80, "U/L", t(10, 12)),
+                        lab("14631-6", 34.2, "umol/L", t(9, 8)),
+                    ],
+                )
+            with pytest.raises(ClinicalDataError), s.begin():
+                store_batch(s, [lab("1920-8", 1, "U/L", t(9, 1)), lab("1975-2", 1, "U/L", t(9, 2))])
+            ct = clinical_context(s, StudyKey("P1", "HOSP", "ACC-CT", "20260310", "080000"))
+            mr = clinical_context(s, StudyKey("P1", "HOSP", "ACC-MR", "20260310", "150000"))
+            assert ct.lab_values()["ALT"] == 40 and mr.lab_values()["ALT"] == 80
+            assert ct.lab_values()["BILI_T"] == pytest.approx(2.0, abs=0.01)
+            assert "AST" not in ct.lab_values()  # the failed batch left nothing behind
+            used = ct.value("ALT")
+            assert used is not None and used.observed_at == t(10, 7)  # UTC-aware round trip
+    finally:
+        engine.dispose()
