@@ -229,3 +229,22 @@ def test_context_for_a_study_row_fetches_stores_and_links(
         assert problems2 and "HTTP 500" in problems2[0]
         assert ctx2.lab_values()["AFP"] == 412.0  # stored data still used
     engine.dispose()
+
+
+def test_cli_fetch(
+    fhir_server: RecordedFhir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.cli import main as cli_main
+
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(
+        f"database:\n  url: sqlite:///{tmp_path / 'n.db'}\n"
+        f"clinical:\n  fhir_base_url: {fhir_server.base}\n"
+        "  fhir_identifier_systems:\n    HOSP: urn:oid:1.2.3.4\n"
+    )
+    args = ["--config", str(cfg), "clinical", "fetch", "--patient-id", "P123", "--issuer", "HOSP"]
+    assert cli_main([*args, "--study-date", "20260310"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == {"stored": 4, "notes": 2, "duplicates": 0}
+    assert cli_main([*args, "--study-date", "2026-03-10"]) == 2
+    assert "not a DICOM date" in capsys.readouterr().err
