@@ -447,6 +447,9 @@ def _error_text(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
     where = where.replace("not_", "not")
     msg = str(first["msg"]).removeprefix("Value error, ")
+    field_first = re.match(r"^([a-z_]+): ", msg)
+    if field_first and where:
+        return f"{where}.{msg}"
     return f"{where}: {msg}" if where else msg
 
 
