@@ -13,7 +13,6 @@ same transaction as the change itself. The plain functions below the models
 do the work; the routes and the ``hpb-node admin`` command call them.
 """
 
-import importlib
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import auth
+from node import auth, rules
 from node.db import (
     TERMINAL_JOB_STATES,
     AuditEvent,
@@ -42,7 +41,7 @@ from node.db import (
     audit,
     utcnow,
 )
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError
 from node.metrics import metrics_registry, render
 from node.settings import Settings
 
@@ -159,29 +158,18 @@ class DryRunIn(_In):
 # --------------------------------------------------------------------------- rules
 
 
-def _rules_engine() -> Any | None:
-    """``node.rules`` when it is installed (validation and matching live there)."""
-    try:
-        return importlib.import_module("node.rules")
-    except ImportError:
-        return None
+class InvalidInput(ConfigError):
+    """Input that fails validation deeper than the request model (answered 422)."""
 
 
-def validate_rule(rule: RuleIn) -> None:
-    """Raise ConfigError when the rules engine refuses ``rule``'s definition."""
-    engine = _rules_engine()
-    if engine is None:
-        if not isinstance(rule.definition.get("pipeline"), str):
-            raise ConfigError(f"rule {rule.name}: definition.pipeline (a string) is required")
-        return
+def validate_rule(rule: RuleIn) -> dict[str, Any]:
+    """The rule's normalised definition; InvalidInput naming the field when it is wrong."""
     body = {"name": rule.name, "priority": rule.priority, "enabled": rule.enabled}
     body.update(rule.definition)
     try:
-        engine.Rule.model_validate(body)
-    except NodeError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"rule {rule.name}: {exc}") from exc
+        return rules.parse_rule(body).definition()
+    except ConfigError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def rule_dict(row: RuleRow) -> dict[str, Any]:
@@ -204,7 +192,7 @@ def list_rules(session: Session) -> list[dict[str, Any]]:
 
 
 def put_rule(session: Session, rule: RuleIn, actor: str, *, create: bool) -> dict[str, Any]:
-    validate_rule(rule)
+    definition = validate_rule(rule)
     row = _rule(session, rule.name)
     if create and row is not None:
         raise ConfigError(f"rule {rule.name} already exists")
@@ -213,7 +201,7 @@ def put_rule(session: Session, rule: RuleIn, actor: str, *, create: bool) -> dic
     if row is None:
         row = RuleRow(name=rule.name)
         session.add(row)
-    row.priority, row.enabled, row.definition = rule.priority, rule.enabled, rule.definition
+    row.priority, row.enabled, row.definition = rule.priority, rule.enabled, definition
     row.updated_at = utcnow()
     audit(
         session,
@@ -222,7 +210,7 @@ def put_rule(session: Session, rule: RuleIn, actor: str, *, create: bool) -> dic
         f"rule:{rule.name}",
         priority=rule.priority,
         enabled=rule.enabled,
-        definition=rule.definition,
+        definition=definition,
     )
     session.flush()
     return rule_dict(row)
@@ -238,14 +226,11 @@ def delete_rule(session: Session, name: str, actor: str) -> None:
 
 def dry_run(session: Session, attributes: dict[str, Any]) -> dict[str, Any]:
     """Which enabled rules would match a series with ``attributes``; changes nothing."""
-    engine = _rules_engine()
-    if engine is None or not hasattr(engine, "dry_run"):
-        raise ConfigError("the rules engine (node.rules) is not installed on this node")
-    rows = session.scalars(
-        select(RuleRow).where(RuleRow.enabled.is_(True)).order_by(RuleRow.priority)
-    ).all()
-    result = engine.dry_run([rule_dict(r) for r in rows], attributes)
-    return result if isinstance(result, dict) else {"result": result}
+    rows = session.scalars(select(RuleRow).order_by(RuleRow.priority, RuleRow.name)).all()
+    try:
+        return rules.dry_run([rule_dict(r) for r in rows], attributes)
+    except (ConfigError, ValueError) as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- destinations
@@ -448,6 +433,9 @@ def admin_router(sessions: sessionmaker[Any], settings: Settings) -> APIRouter:
         except LookupError as exc:
             session.rollback()
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from exc
+        except InvalidInput as exc:
+            session.rollback()
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
         except ConfigError as exc:
             session.rollback()
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
@@ -498,8 +486,8 @@ def admin_router(sessions: sessionmaker[Any], settings: Settings) -> APIRouter:
     def post_dry_run(body: DryRunIn, session: DB, who: Admin) -> dict[str, Any]:
         try:
             return dry_run(session, body.attributes)
-        except ConfigError as exc:
-            raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, str(exc)) from exc
+        except InvalidInput as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
     # destinations
     @router.get("/api/destinations", tags=["destinations"])

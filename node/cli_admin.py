@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import importlib
 import json
 import re
 from pathlib import Path
@@ -25,24 +24,16 @@ import yaml
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import api, auth
-from node.db import Base, create_engine_for, session_factory
+from node import api, auth, migrate
+from node.db import create_engine_for, session_factory
 from node.errors import ConfigError
 from node.settings import Settings, load_settings
 
 
 def open_sessions(settings: Settings) -> sessionmaker[Any]:
     """Sessions on the node database, its schema brought up to date first."""
-    engine = create_engine_for(settings.database.url)
-    try:
-        migrate = importlib.import_module("node.migrate")
-    except ImportError:
-        migrate = None
-    if migrate is not None and hasattr(migrate, "upgrade_engine"):
-        migrate.upgrade_engine(engine)
-    else:
-        Base.metadata.create_all(engine)
-    return session_factory(engine)
+    migrate.upgrade(settings.database.url)
+    return session_factory(create_engine_for(settings.database.url))
 
 
 def _actor() -> str:

@@ -25,13 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import auth
+from node import auth, migrate
 from node.api import admin_router
 from node.cli import main as cli_main
 from node.db import (
     ApiToken,
     AuditEvent,
-    Base,
     Instance,
     Job,
     JobState,
@@ -50,8 +49,9 @@ MUTATING = {"post", "put", "patch", "delete"}
 
 @pytest.fixture()
 def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'node.db'}")
-    Base.metadata.create_all(engine)
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    migrate.upgrade(url)  # the schema as deployed (Alembic), not create_all
+    engine = create_engine_for(url)
     yield session_factory(engine)
     engine.dispose()
 
@@ -160,6 +160,37 @@ def test_openapi_every_mutating_route_needs_an_admin_token(
     assert "DELETE /api/rules/{name}" in checked
 
 
+# Ingest, not administration: STOW-RS takes instances from the PACS like C-STORE
+# does (conformance statement, "Security"); it is the only mutating route of the
+# node's application without an admin token.
+INGEST_ROUTES = {("post", "/dicom-web/studies"), ("post", "/dicom-web/studies/{study}")}
+
+
+def test_node_app_openapi_every_mutating_route_needs_an_admin_token(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """The same walk over the node's whole application (node.app.create_app)."""
+    from node.app import create_app
+    from node.ingest import Store
+
+    app = create_app(settings, sessions, Store.from_settings(settings, sessions))
+    with serve(app) as c:
+        with sessions() as s:
+            viewer = auth.create_token(s, "victor", "viewer", "test")
+            s.commit()
+        doc = c.get("/openapi.json").json()
+        mutating = [(m, p) for p, ops in doc["paths"].items() for m in ops if m in MUTATING]
+        assert ("post", "/api/rules") in mutating
+        for method, path in mutating:
+            if (method, path) in INGEST_ROUTES:
+                continue
+            url = fill_path(path)
+            assert c.request(method, url, json={}).status_code == 401, f"{method} {path}"
+            r = c.request(method, url, json={}, headers=bearer(viewer))
+            assert r.status_code == 403, f"{method} {path}"
+        assert {(m, p) for m, p in mutating if p.startswith("/dicom-web/")} == INGEST_ROUTES
+
+
 def test_tokens_are_stored_hashed_and_roles_enforced(
     client: httpx.Client, tokens: dict[str, str], sessions: sessionmaker[Session]
 ) -> None:
@@ -188,7 +219,11 @@ def test_rules_and_destinations_crud_is_validated_and_audited(
     rule = {
         "name": "liver-ct",
         "priority": 10,
-        "definition": {"match": {"Modality": "CT"}, "pipeline": "hpb-ct", "destinations": ["pacs"]},
+        "definition": {
+            "match": {"modality": ["CT"], "series_description": "(?i)venous"},
+            "pipeline": "hpb-ct",
+            "destinations": ["pacs"],
+        },
     }
     r = client.post("/api/rules", json=rule, headers=h)
     assert r.status_code == 201, r.text
@@ -198,6 +233,21 @@ def test_rules_and_destinations_crud_is_validated_and_audited(
     assert client.put("/api/rules/other", json=rule, headers=h).status_code == 422
     bad = {"name": "bad name!", "definition": {"pipeline": "x"}}
     assert client.post("/api/rules", json=bad, headers=h).status_code == 422
+    bad_regex = {
+        "name": "r2",
+        "definition": {"pipeline": "x", "match": {"series_description": "("}},
+    }
+    r = client.post("/api/rules", json=bad_regex, headers=h)
+    assert r.status_code == 422 and "series_description" in r.text
+    unknown = {"name": "r3", "definition": {"pipeline": "x", "match": {"colour": ["red"]}}}
+    assert client.post("/api/rules", json=unknown, headers=h).status_code == 422
+    dry = {"attributes": {"Modality": "CT", "SeriesDescription": "Portal venous 3mm"}}
+    r = client.post("/api/rules/dry-run", json=dry, headers=h)
+    assert r.status_code == 200 and r.json()["matched"] == ["liver-ct"]
+    dry["attributes"]["Modality"] = "MR"
+    assert client.post("/api/rules/dry-run", json=dry, headers=h).json()["matched"] == []
+    r = client.post("/api/rules/dry-run", json={"attributes": {"Colour": "x"}}, headers=h)
+    assert r.status_code == 422
     listed = client.get("/api/rules", headers=bearer(tokens["viewer"])).json()
     assert [x["name"] for x in listed] == ["liver-ct"]
     assert client.delete("/api/rules/liver-ct", headers=h).status_code == 204
@@ -321,7 +371,7 @@ def test_cli_admin_tokens_rules_destinations_jobs(
         assert auth.resolve_token(s, token) == auth.Principal("ops", auth.Role.ADMIN)
     rules = tmp_path / "rules.yaml"
     rules.write_text(
-        "rules:\n  - name: liver-ct\n    pipeline: hpb-ct\n    match: {Modality: CT}\n"
+        "rules:\n  - name: liver-ct\n    pipeline: hpb-ct\n    match: {modality: [CT]}\n"
     )
     assert cli_main([*base, "rule", "apply", str(rules)]) == 0
     assert cli_main([*base, "rule", "apply", str(rules)]) == 0
