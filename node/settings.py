@@ -44,6 +44,9 @@ class SpoolSettings(_Section):
     root: Path = Path("var/spool")
     min_free_mb: int = Field(default=512, ge=0)
     retention_hours: float = Field(default=72.0, ge=0)
+    # fsync each file and its directory before the row commits (power-loss safe);
+    # false only for benchmarks and throw-away nodes
+    fsync: bool = True
 
 
 class DatabaseSettings(_Section):
