@@ -180,6 +180,7 @@ class Store:
             settings.spool.root,
             min_free_bytes=settings.spool.min_free_mb * 2**20,
             free_bytes=free_bytes,
+            fsync=settings.spool.fsync,
         )
         return cls(spool, sessions, max_instance_bytes=settings.ingest.max_instance_mb * 2**20)
 
@@ -327,7 +328,7 @@ class Store:
                     STATUS_DUPLICATE_CONFLICT,
                 )
             self.spool.write_atomic(rel, [data])
-            recorded = record_instance(session, header, rel, calling_ae)
+            recorded = record_instance(session, header, rel, calling_ae, existing=existing)
         if recorded.reopened:
             log.info("late instance %s re-opened series %d", sop, recorded.series_id)
         return Outcome(STATUS_SUCCESS, "", header.sop_class_uid, sop)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
@@ -292,14 +292,31 @@ def record_instance(
     calling_ae: str,
     *,
     now: datetime | None = None,
+    existing: Instance | Literal[False] | None = False,
 ) -> Recorded:
     """Add (or, for a re-sent purged instance, refresh) the rows for one stored file.
 
     The caller commits; the file must already be written and fsynced.
+    ``existing``: the Instance row with this SOP Instance UID (or None) when the
+    caller has already looked it up; False to look it up here.
     """
     now = now or utcnow()
-    study = session.scalar(select(Study).where(Study.study_instance_uid == header.study_uid))
-    if study is None:
+    found = session.execute(
+        select(Series, Study.study_instance_uid)
+        .join(Study, Series.study_id == Study.id)
+        .where(Series.series_instance_uid == header.series_uid)
+    ).first()
+    series: Series | None = found[0] if found is not None else None
+    study_id: int | None = (
+        series.study_id
+        if series is not None and found is not None and found[1] == header.study_uid
+        else None
+    )
+    if study_id is None:
+        study_id = session.scalar(
+            select(Study.id).where(Study.study_instance_uid == header.study_uid)
+        )
+    if study_id is None:
         study = Study(
             study_instance_uid=header.study_uid,
             patient_id=header.patient_id,
@@ -311,13 +328,13 @@ def record_instance(
         )
         session.add(study)
         session.flush()
-    series = session.scalar(select(Series).where(Series.series_instance_uid == header.series_uid))
+        study_id = study.id
     new_series = series is None
     reopened = False
     if series is None:
         series = Series(
             series_instance_uid=header.series_uid,
-            study_id=study.id,
+            study_id=study_id,
             modality=header.modality,
             sop_class_uid=header.sop_class_uid,
             body_part_examined=header.body_part_examined,
@@ -338,7 +355,7 @@ def record_instance(
         session.flush()
     else:
         reopened = _reopen(series)
-        if series.study_id != study.id:
+        if series.study_id != study_id:
             _series_issue(series, "instances of this series name different studies")
         if series.rows is None and header.rows is not None:
             series.rows, series.columns = header.rows, header.columns
@@ -358,7 +375,8 @@ def record_instance(
         and not header.has_position
     ):
         _series_issue(series, f"instance {header.sop_instance_uid} lacks ImagePositionPatient")
-    existing = find_instance(session, header.sop_instance_uid)
+    if existing is False:
+        existing = find_instance(session, header.sop_instance_uid)
     if existing is None:
         session.add(
             Instance(
