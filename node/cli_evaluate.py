@@ -124,25 +124,37 @@ def _readers() -> dict[str, Any]:
 
 
 def run_model(reference: EvaluationSet, bundle_path: str | None, modality: str) -> EvaluationSet:
-    """The model's results computed now on the reference studies (``images/<case>``)."""
+    """The model's results computed now on the reference studies, as the node computes
+    them: segmentation and measurements (``models.inference.analyse``), then fusion
+    diagnoses and the grounded report (``models.report.with_diagnoses_and_report``) with
+    the case's clinical context where the reference has one (else images only)."""
     from models.bundle import BundleError, load_bundle
     from models.evaluation.adapters import add_findings, volume_from_image
     from models.inference import InferenceError, analyse
+    from models.labs import ClinicalContext
+    from models.report import with_diagnoses_and_report
+    from models.volume import VolumeError
 
     if not reference.images:
-        raise ConfigError("--run-model needs the studies in <reference>/images/<case>")
+        raise ConfigError(
+            "--run-model needs the studies (images/<case>, or a manifest's image/dicom)"
+        )
     try:
         bundle = load_bundle(bundle_path)
     except BundleError as exc:
         raise ConfigError(f"cannot load the model bundle: {exc}") from exc
-    results = EvaluationSet(source=f"model run now ({bundle_path or 'shipped bundle'})")
+    results = EvaluationSet(source=f"model run now ({bundle.name} {bundle.version})")
     for case_id, path in sorted(reference.images.items()):
         try:
             volume = volume_from_image(path, modality)
             findings = analyse(volume, bundle)
-        except (InferenceError, ValueError) as exc:
+            findings = with_diagnoses_and_report(
+                findings, reference.clinical.get(case_id, ClinicalContext())
+            )
+        except (InferenceError, VolumeError, ValueError) as exc:
             raise PipelineError(f"case {case_id}: the model could not run: {exc}") from exc
         add_findings(results, case_id, findings, volume.affine)
+        log.info("case %s: model run (%d lesions)", case_id, len(findings.lesions))
     return results
 
 

@@ -1,9 +1,10 @@
-"""``hpb-node evaluate --run-model``: the model run now on the reference studies
-(a synthetic case written as a real DICOM CT series), then evaluated.
+"""``hpb-node evaluate --run-model`` on a dataset written by ``hpb-node synth``: the
+model run now on each case's DICOM series, then evaluated against the manifest's
+masks, diagnoses and (synthetic) reference reports.
 
 The bundle is the tiny randomly initialised test bundle (``tests.test_bundle``):
-the figures are meaningless, the path (DICOM loading, inference, masks on the
-source grid, evaluation) is what is tested."""
+the figures are meaningless, the path (manifest, DICOM loading, inference, fusion,
+report, masks on the source grid, evaluation) is what is tested."""
 
 from __future__ import annotations
 
@@ -13,49 +14,42 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluation.adapters import reference_from_truth, write_masks
-from models.series_writer import SeriesInfo, write_series
-from models.synthetic import ORGAN_LABELS, generate_case
+from models.nifti import load_nifti_krc
+from models.vocab import Disease
 from node.cli import main
 from tests.test_bundle import make_tiny_bundle
 
 
-def test_run_model_on_dicom_studies(tmp_path: Path) -> None:
-    ref = tmp_path / "reference"
-    case = generate_case(11, shape=(24, 40, 40), spacing=(5.0, 4.0, 4.0))
-    write_series(
-        case.image, case.affine, ref / "images" / "s11", info=SeriesInfo(), seed="eval-run-model"
-    )
-    masks = reference_from_truth(
-        "s11",
-        case.affine,
-        case.organ_labels,
-        case.lesion_labels,
-        {v: str(o) for v, o in ORGAN_LABELS.items()},
-    )
-    write_masks(masks, ref / "masks" / "s11")
+def test_run_model_on_synth_dataset(tmp_path: Path) -> None:
+    dataset = tmp_path / "synth"
+    assert main(["synth", "--out", str(dataset), "-n", "2", "--seed", "11", "--shape", "24", "40", "40",
+                 "--spacing", "5", "4", "4"]) == 0  # fmt: skip
+    rows = [
+        json.loads(line)
+        for line in (dataset / "manifest.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    assert len(rows) == 2 and all(r.get("dicom") for r in rows)
     bundle = make_tiny_bundle(tmp_path / "bundle")
+    # random weights call lesions everywhere: keep only large ones, to keep the test quick
+    meta = bundle / "configs" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"min_lesion_ml": 0.1', '"min_lesion_ml": 20.0'))
     out = tmp_path / "out"
     code = main(
-        [
-            "evaluate",
-            "--reference",
-            str(ref),
-            "--run-model",
-            "--bundle",
-            str(bundle),
-            "--out",
-            str(out),
-            "--bootstrap",
-            "20",
-        ]
-    )
+        ["evaluate", "--reference", str(dataset), "--run-model", "--bundle", str(bundle), "--out", str(out),
+         "--bootstrap", "20"]
+    )  # fmt: skip
     assert code == 0
     data = json.loads((out / "evaluation.json").read_text())
     assert data["results"].startswith("model run now")
-    rows = data["segmentation"]["per_case"]
-    assert {r["structure"] for r in rows} == {str(o) for o in ORGAN_LABELS.values()}
-    assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
-    liver = next(r for r in rows if r["structure"] == "liver")
-    # 5 x 4 x 4 mm voxels = 0.08 ml
-    assert liver["volume_ref_ml"] == pytest.approx(np.count_nonzero(case.organ_labels == 1) * 0.08)
+    seg = data["segmentation"]["per_case"]
+    assert {r["case_id"] for r in seg} == {r["case_id"] for r in rows}
+    assert all(0.0 <= r["dice"] <= 1.0 for r in seg)
+    first = rows[0]
+    labels, _ = load_nifti_krc(dataset / first["label"])
+    liver = next(r for r in seg if r["structure"] == "liver" and r["case_id"] == first["case_id"])
+    assert liver["volume_ref_ml"] == pytest.approx(np.count_nonzero(labels == 1) * 0.08)  # 5x4x4 mm
+    # fusion diagnoses for every target disease, and a report per case compared to the reference
+    assert set(data["diagnosis"]["per_disease"]) == {d.value for d in Disease}
+    assert data["report"]["summary"]["n"] == 2
+    assert "lesions" in data["segmentation"]

@@ -13,6 +13,9 @@ Layout (documented in ``docs/evaluation.md``); every part is optional::
     <dir>/sr/<case>/*.dcm      results: TID 1500 SR (lesion diameters read back)
     <dir>/images/<case>.nii.gz or <dir>/images/<case>/   the study (overlays, running the model)
 
+A reference folder holding ``manifest.jsonl`` (``docs/dataset-manifest.md``, as
+``hpb-node synth`` writes) is read as a dataset instead (:func:`load_manifest_reference`).
+
 Masks are held as ``[k, r, c]`` arrays with an affine to LPS (:mod:`models.nifti`
 convention). Results on a different grid are resampled onto the reference grid
 (nearest neighbour through both affines).
@@ -33,6 +36,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.evaluation.text import StructuredResult
+from models.labs import ClinicalContext
 from models.nifti import load_nifti_krc
 from models.vocab import Disease, Organ
 
@@ -381,6 +385,8 @@ class EvaluationSet:
     structured: dict[str, StructuredResult] = field(default_factory=dict)  # results only
     sr_volumes_ml: dict[str, dict[str, float]] = field(default_factory=dict)  # results only
     images: dict[str, Path] = field(default_factory=dict)
+    # clinical context per case (labs, history) for running the model now
+    clinical: dict[str, ClinicalContext] = field(default_factory=dict)
     source: str = ""
 
     def case_ids(self) -> list[str]:
@@ -402,6 +408,8 @@ def load_set(
     ``seg_reader``/``sr_reader`` replace the built-in DICOM readers (the node passes
     ``dicom_sr.readers``-based ones; ``models`` cannot import ``dicom_sr``)."""
     folder = Path(folder)
+    if reference and (folder / "manifest.jsonl").is_file():
+        return load_manifest_reference(folder / "manifest.jsonl")
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a folder")
     out = EvaluationSet(source=str(folder))
@@ -443,4 +451,91 @@ def load_set(
     if images.is_dir():
         for p in sorted(images.iterdir()):
             out.images[re.sub(r"\.nii(\.gz)?$", "", p.name)] = p
+    return out
+
+
+# ---------------------------------------------------------------------------
+# dataset manifests (docs/dataset-manifest.md), e.g. written by ``hpb-node synth``
+
+
+def _manifest_rows(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    rows: list[dict[str, Any]] = []
+    for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path} line {n}: not JSON: {exc}") from exc
+        if not isinstance(data, dict) or "case_id" not in data:
+            raise DatasetError(f"{path} line {n}: must be a JSON object with a case_id")
+        rows.append(data)
+    if not rows:
+        raise DatasetError(f"{path}: lists no cases")
+    return rows
+
+
+def load_manifest_reference(manifest: Path, *, split: str | None = None) -> EvaluationSet:
+    """A reference set from a dataset manifest: organ masks (``label`` + ``label_table``
+    or ``label_masks``), lesion instances, diagnoses from ``truth`` (every target
+    disease 0/1), the study (``dicom`` folder when present, else ``image``), and, for
+    synthetic cases, the reference report and clinical context that
+    :func:`models.synthetic_clinical.synthesize_clinical` derives from the truth."""
+    from models.case import CaseTruth
+
+    base = manifest.parent
+    out = EvaluationSet(truth=DiagnosisTable(), source=str(manifest))
+
+    def p(value: Any) -> Path:
+        q = Path(str(value))
+        return q if q.is_absolute() else base / q
+
+    for row in _manifest_rows(manifest):
+        if split is not None and row.get("split", "train") != split:
+            continue
+        cid = str(row["case_id"])
+        masks: CaseMasks | None = None
+        if row.get("label"):
+            arr, affine = load_nifti_krc(p(row["label"]))
+            table = row.get("label_table") or {}
+            if not table:
+                from models.synthetic.labels import ORGAN_LABELS
+
+                table = {str(k): str(v) for k, v in ORGAN_LABELS.items()}
+            shape = (int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]))
+            masks = CaseMasks(affine, shape)
+            for value, name in table.items():
+                masks.structures[structure_name(str(name))] = np.asarray(arr) == int(value)
+        for name, mpath in (row.get("label_masks") or {}).items():
+            arr, affine = load_nifti_krc(p(mpath))
+            if masks is None:
+                masks = CaseMasks(affine, (int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2])))
+            masks.structures[structure_name(str(name))] = np.asarray(arr) > 0
+        if masks is not None:
+            if row.get("lesions"):
+                lab, _ = load_nifti_krc(p(row["lesions"]))
+                masks.lesions = np.asarray(lab).astype(np.int32)
+            out.masks[cid] = masks
+        if row.get("dicom") and p(row["dicom"]).is_dir():
+            out.images[cid] = p(row["dicom"])
+        elif row.get("image"):
+            out.images[cid] = p(row["image"])
+        if row.get("truth"):
+            import json
+
+            truth = CaseTruth.from_json(json.loads(p(row["truth"]).read_text(encoding="utf-8")))
+            assert out.truth is not None
+            for d in Disease:
+                out.truth.truth[(cid, d)] = int(d in truth.diseases)
+            if truth.source == "synthetic":
+                from models.labs import context_from_labs
+                from models.synthetic_clinical import synthesize_clinical
+
+                clin = synthesize_clinical(truth)
+                out.reports[cid] = clin.reference_report
+                out.clinical[cid] = context_from_labs(
+                    clin.labs, history=clin.history, age=truth.age, sex=truth.sex
+                )
     return out
