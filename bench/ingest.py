@@ -1,0 +1,235 @@
+"""Receive throughput of the node's Storage SCP against DCMTK storescp.
+
+The same 300-slice 512x512 CT series (synthetic, written with
+models.series_writer into a temporary folder) is sent by /usr/bin/storescu to
+
+* the node's SCP (node.ingest.StorageSCP + Store: header parse, sha256,
+  atomic write with fsync, one SQLite commit per instance), and
+* DCMTK storescp ``+B`` (bit-preserving write, no fsync, no database),
+
+alternating, several repetitions, each into a fresh spool / database / folder.
+Both sides run with TCP_NODELAY=1 and a 128 KiB maximum PDU. The median MB/s
+(10^6 bytes of DICOM files per second of storescu wall time) is written to
+bench/results/ingest.json with the machine description.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--reps 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.series_writer import write_series  # noqa: E402
+from node.db import create_engine_for, session_factory  # noqa: E402
+from node.ingest import Outcome, StorageSCP, Store  # noqa: E402
+from node.migrate import upgrade  # noqa: E402
+from node.settings import Settings  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.support.dcmtk import STORESCU, storescp, storescu  # noqa: E402
+
+MAX_PDU = 131072
+RESULTS = ROOT / "bench" / "results" / "ingest.json"
+
+
+def make_series(out: Path, slices: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    base = rng.normal(40, 20, size=(512, 512))
+    yy, xx = np.mgrid[:512, :512]
+    body = ((yy - 256) ** 2 / 200**2 + (xx - 256) ** 2 / 230**2) < 1
+    volume = np.empty((slices, 512, 512), dtype=np.float64)
+    for k in range(slices):
+        volume[k] = np.where(body, base + 5 * np.sin(k / 10), -1000)
+    affine = np.diag([1.0, 0.7, 0.7, 1.0])
+    return write_series(volume, affine, out, seed="bench-ingest")
+
+
+def send(port: int, files: list[Path], called: str) -> float:
+    start = time.perf_counter()
+    result = storescu(port, files, called_ae=called, args=("-R",), max_pdu=MAX_PDU, timeout=1800)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed: {result.stderr[-2000:]}")
+    return elapsed
+
+
+class NullStore(Store):
+    """Diagnostic only: answers Success without storing (pynetdicom's receive path alone)."""
+
+    def accept(self, data: bytes, **_: Any) -> Outcome:
+        return Outcome(0x0000)
+
+
+def run_node(
+    work: Path,
+    files: list[Path],
+    profile: bool = False,
+    fsync: bool = True,
+    null: bool = False,
+) -> float:
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    settings = Settings.model_validate(
+        {
+            "ingest": {"ae_title": "HPBNODE", "port": 0, "max_pdu": MAX_PDU},
+            "spool": {"root": str(work / "spool"), "min_free_mb": 512, "fsync": fsync},
+            "database": {"url": f"sqlite:///{work / 'node.db'}"},
+        }
+    )
+    upgrade(settings.database.url)
+    engine = create_engine_for(settings.database.url)
+    store = (NullStore if null else Store).from_settings(settings, session_factory(engine))
+    scp = StorageSCP(settings.ingest, store)
+    port = scp.start()
+    profiler = cProfile.Profile() if profile else None
+    try:
+        if profiler is not None:
+            import threading
+
+            threading.setprofile(lambda *a: None)  # keep the main thread cheap
+            profiler.enable()
+        elapsed = send(port, files, "HPBNODE")
+        if profiler is not None:
+            profiler.disable()
+    finally:
+        scp.stop(timeout=30)
+        engine.dispose()
+    stored = sum(1 for _ in (work / "spool").glob("*/*/*.dcm"))
+    if stored != (0 if null else len(files)):
+        raise RuntimeError(f"node stored {stored} of {len(files)} files")
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+    return elapsed
+
+
+def run_storescp(work: Path, files: list[Path]) -> float:
+    if work.exists():
+        shutil.rmtree(work)
+    port = free_port()
+    with storescp(port, work, ae_title="STORESCP", max_pdu=MAX_PDU):
+        elapsed = send(port, files, "STORESCP")
+    stored = sum(1 for p in work.iterdir() if p.is_file())
+    if stored != len(files):
+        raise RuntimeError(f"storescp stored {stored} of {len(files)} files")
+    return elapsed
+
+
+def machine() -> dict[str, Any]:
+    import pydicom
+    import pynetdicom
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor()
+    dcmtk = subprocess.run([STORESCU, "--version"], capture_output=True, text=True, check=False)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pynetdicom": pynetdicom.__version__,
+        "pydicom": pydicom.__version__,
+        "dcmtk": (dcmtk.stdout.splitlines() or [""])[0],
+        "platform": platform.platform(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="cProfile one node run and stop")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", default="CPU shared with other engineers' jobs while running")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="hpb-bench-ingest-") as tmp_name:
+        tmp = Path(tmp_name)
+        files = make_series(tmp / "series", args.slices)
+        total_bytes = sum(f.stat().st_size for f in files)
+        if args.profile:
+            run_node(tmp / "node", files, profile=True)
+            return 0
+        run_storescp(tmp / "warm", files[:10])  # page cache and binaries warm
+        node_s: list[float] = []
+        nofsync_s: list[float] = []
+        null_s: list[float] = []
+        dcmtk_s: list[float] = []
+        for rep in range(args.reps):
+            node_s.append(run_node(tmp / "node", files))
+            dcmtk_s.append(run_storescp(tmp / "storescp", files))
+            nofsync_s.append(run_node(tmp / "node", files, fsync=False))
+            null_s.append(run_node(tmp / "node", files, null=True))
+            print(
+                f"rep {rep + 1}: node {total_bytes / node_s[-1] / 1e6:.1f} MB/s,"
+                f" storescp {total_bytes / dcmtk_s[-1] / 1e6:.1f} MB/s,"
+                f" node without fsync {total_bytes / nofsync_s[-1] / 1e6:.1f} MB/s,"
+                f" pynetdicom no-op handler {total_bytes / null_s[-1] / 1e6:.1f} MB/s",
+                flush=True,
+            )
+    node_mb_s = total_bytes / statistics.median(node_s) / 1e6
+    storescp_mb_s = total_bytes / statistics.median(dcmtk_s) / 1e6
+    result = {
+        "node_mb_s": round(node_mb_s, 2),
+        "storescp_mb_s": round(storescp_mb_s, 2),
+        "ratio": round(node_mb_s / storescp_mb_s, 3),
+        "target_ratio": 0.7,
+        "diagnostic_node_without_fsync_mb_s": round(
+            total_bytes / statistics.median(nofsync_s) / 1e6, 2
+        ),
+        "diagnostic_pynetdicom_noop_handler_mb_s": round(
+            total_bytes / statistics.median(null_s) / 1e6, 2
+        ),
+        "series": {
+            "files": len(files),
+            "rows_columns": [512, 512],
+            "transfer_syntax": "Explicit VR Little Endian",
+            "total_bytes": total_bytes,
+        },
+        "repetitions": {
+            "node_seconds": [round(s, 3) for s in node_s],
+            "storescp_seconds": [round(s, 3) for s in dcmtk_s],
+            "node_without_fsync_seconds": [round(s, 3) for s in nofsync_s],
+            "pynetdicom_noop_handler_seconds": [round(s, 3) for s in null_s],
+        },
+        "settings": {
+            "max_pdu": MAX_PDU,
+            "tcp_nodelay": True,
+            "node": "fsync per file + directory, one SQLite (WAL) commit per instance",
+            "storescp": "+B bit-preserving, no fsync",
+            "node_without_fsync": "diagnostic only: settings.spool.fsync false",
+            "pynetdicom_noop_handler": "diagnostic only: same SCP, handler answers Success at once",
+        },
+        "machine": machine(),
+        "note": args.note,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("node_mb_s", "storescp_mb_s", "ratio")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
