@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -296,3 +297,28 @@ def test_lesion_diameter_and_empty_cases() -> None:
     fr = froc([det])
     assert fr["n_reference_lesions"] == 0 and math.isnan(fr["sensitivity"])
     assert fr["fp_per_case"] == 0.0
+
+
+def test_edge_conventions_against_monai() -> None:
+    """Empty masks: our Dice equals MONAI's ``ignore_empty=False`` (1.0 for empty vs
+    empty, 0.0 for one empty); where one side is empty MONAI's distances are
+    non-finite (HD95 NaN, ASSD inf) and ours are ``inf``: reported, never a number."""
+    empty = np.zeros((4, 5, 6), bool)
+    some = empty.copy()
+    some[1:3, 1:3, 1:3] = True
+    t = {
+        name: torch.from_numpy(m[None, None].astype(np.float32))
+        for name, m in (("e", empty), ("a", some))
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about all-zero inputs
+        assert dice(empty, empty) == DiceMetric(ignore_empty=False)(t["e"], t["e"]).item() == 1.0
+        assert dice(empty, some) == DiceMetric(ignore_empty=False)(t["e"], t["a"]).item() == 0.0
+        for p, r in (("e", "a"), ("a", "e")):
+            theirs_hd = HausdorffDistanceMetric(percentile=95)(t[p], t[r], spacing=(2, 1, 1)).item()
+            theirs_asd = SurfaceDistanceMetric(symmetric=True)(t[p], t[r], spacing=(2, 1, 1)).item()
+            ours = surface_metrics(
+                empty if p == "e" else some, empty if r == "e" else some, (2, 1, 1)
+            )
+            assert not math.isfinite(theirs_hd) and not math.isfinite(theirs_asd)
+            assert math.isinf(ours.hd95) and math.isinf(ours.assd)
