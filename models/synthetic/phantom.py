@@ -156,9 +156,14 @@ def build_anatomy(
     full: Box = (slice(0, grid.shape[0]), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
     xq, yq, zq = canvas.deform.coords(full)
     size = 1.0 if sex == "M" else 0.93
-    body = (float(150 * size * rng.uniform(0.92, 1.1)), float(112 * size * rng.uniform(0.9, 1.12)))
+    # the peritoneal cavity fits the organs; fat and muscle wrap around it
+    inner = (
+        float(124 * size * rng.uniform(0.95, 1.08)),
+        float(90 * size * rng.uniform(0.94, 1.08)),
+    )
     fat_sc = float(rng.uniform(8, 35))
     wall = float(rng.uniform(8, 14))
+    body = (inner[0] + fat_sc + wall, inner[1] + fat_sc + wall)
     dome_r = float(rng.uniform(95, 110))
     dome_l = dome_r - float(rng.uniform(5, 15))
     dome = _dome(xq, yq, dome_r, dome_l)
@@ -225,21 +230,6 @@ def build_anatomy(
     box, x, y, z, sdf = _tube(canvas, aorta, np.full(3, rng.uniform(9.5, 13.0)))
     canvas.paint(box, sdf, "artery")
 
-    # kidneys (cortex, medulla, sinus)
-    for label, side, zc in ((L.KIDNEY_LEFT, 1.0, -35.0), (L.KIDNEY_RIGHT, -1.0, -50.0)):
-        kc = np.array([side * 74.0, 58.0, zc]) + _jit(rng, 7.0)
-        ksemi = np.array([27.0, 23.0, 52.0]) * rng.uniform(0.88, 1.12, 3)
-        rot = rotation(0.0, side * -12.0 + rng.uniform(-5, 5), side * 25.0 + rng.uniform(-8, 8))
-        box, x, y, z, sdf = _ellipsoid(canvas, kc, ksemi, rot)
-        canvas.paint(box, sdf, "kidney_cortex", label)
-        canvas.paint(box, ellipsoid_sdf(x, y, z, kc, ksemi * 0.72, rot), "kidney_medulla", label)
-        sinus_c = kc + np.array([-side * 10.0, -4.0, 0.0])
-        canvas.paint(
-            box,
-            ellipsoid_sdf(x, y, z, sinus_c, ksemi * np.array([0.4, 0.4, 0.55]), rot),
-            "renal_sinus",
-        )
-
     # bowel: colon frame, small-bowel loops, duodenum, stomach
     colon = np.array(
         [
@@ -276,10 +266,25 @@ def build_anatomy(
     air_level = sc[1] - ssemi[1] * rng.uniform(0.1, 0.6)
     canvas.paint(box, np.maximum(lumen, y - air_level), "air")
 
+    # kidneys (cortex, medulla, sinus)
+    for label, side, zc in ((L.KIDNEY_LEFT, 1.0, -45.0), (L.KIDNEY_RIGHT, -1.0, -56.0)):
+        kc = np.array([side * 74.0, 58.0, zc]) + _jit(rng, 7.0)
+        ksemi = np.array([27.0, 23.0, 52.0]) * rng.uniform(0.88, 1.12, 3)
+        rot = rotation(0.0, side * -12.0 + rng.uniform(-5, 5), side * 25.0 + rng.uniform(-8, 8))
+        box, x, y, z, sdf = _ellipsoid(canvas, kc, ksemi, rot)
+        canvas.paint(box, sdf, "kidney_cortex", label)
+        canvas.paint(box, ellipsoid_sdf(x, y, z, kc, ksemi * 0.72, rot), "kidney_medulla", label)
+        sinus_c = kc + np.array([-side * 10.0, -4.0, 0.0])
+        canvas.paint(
+            box,
+            ellipsoid_sdf(x, y, z, sinus_c, ksemi * np.array([0.4, 0.4, 0.55]), rot),
+            "renal_sinus",
+        )
+
     # liver: right lobe, left lobe, caudate; cirrhosis reshapes it
     lj = _jit(rng, 8.0)
     rl_c = np.array([-72.0, 2.0, 28.0]) + lj
-    rl_s = np.array([66.0, 82.0, 78.0]) * rng.uniform(0.9, 1.1, 3)
+    rl_s = np.array([63.0, 78.0, 75.0]) * rng.uniform(0.9, 1.1, 3)
     ll_c = np.array([8.0, -38.0, 48.0]) + lj + _jit(rng, 8.0)
     ll_s = np.array([62.0, 38.0, 42.0]) * rng.uniform(0.85, 1.15, 3)
     cd_c = np.array([-14.0, 26.0, 32.0]) + lj
@@ -306,8 +311,8 @@ def build_anatomy(
         liver = liver + 3.2 * nodular[box]
     liver = np.maximum(liver, bound)
     if state.ascites:
-        canvas.paint(box, np.maximum(liver - rng.uniform(6, 14), bound), "fluid")
-    spc = np.array([78.0, 48.0, 18.0]) + _jit(rng, 6.0)
+        canvas.paint(box, np.maximum(liver - rng.uniform(6, 14), bound), "fluid", L.BACKGROUND)
+    spc = np.array([82.0, 45.0, 30.0]) + _jit(rng, 6.0)
     sp_s = np.array([24.0, 42.0, 55.0]) * rng.uniform(0.85, 1.15, 3)
     if state.cirrhosis:
         sp_s = sp_s * rng.uniform(1.2, 1.45)
