@@ -179,7 +179,8 @@ def stow_router(
     max_body_bytes: int | None = None,
 ) -> APIRouter:
     """The STOW-RS routes writing through ``store`` (mount on the node's FastAPI app)."""
-    max_body = max_body_bytes if max_body_bytes is not None else 4 * store.max_instance_bytes
+    # the body is held in memory: by default no larger than one instance may be
+    max_body = max_body_bytes if max_body_bytes is not None else store.max_instance_bytes
     router = APIRouter(prefix="/dicom-web", tags=["dicomweb"], dependencies=list(dependencies))
 
     @router.post("/studies")

@@ -52,19 +52,22 @@ def _spooled(node_root: Path, path: Path) -> Path:
     return node_root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
 
 
-def test_echo_and_uncompressed_ct_series_with_storescu(tmp_path: Path) -> None:
+def test_echo_and_uncompressed_ct_and_mr_series_with_storescu(tmp_path: Path) -> None:
     files = ct_series(tmp_path / "in", n=4)
+    mr = ct_series(tmp_path / "mr", n=2, modality="MR", seed="mr")
     with running_node(tmp_path) as node:
         assert echoscu(node.port).returncode == 0
-        result = storescu(node.port, files)
+        result = storescu(node.port, [*files, *mr])
         assert result.returncode == 0, result.stderr
-        assert node.instance_count() == 4
+        assert node.instance_count() == 6
         assert node.rejections() == []
-        for f in files:
+        for f in [*files, *mr]:
             spooled = _spooled(node.spool_root, f)
             assert _body(spooled) == _body(f)
         with node.sessions() as s:
-            series = s.scalars(select(Series)).one()
+            modalities = {x.modality: x.instance_count for x in s.scalars(select(Series))}
+            assert modalities == {"CT": 4, "MR": 2}
+            series = s.scalars(select(Series).where(Series.modality == "CT")).one()
             assert series.instance_count == 4
             assert series.state == SeriesState.RECEIVING
             assert (series.rows, series.columns) == (16, 16)

@@ -47,10 +47,10 @@ def post(
 
 
 @contextmanager
-def serve_app(node: IngestNode) -> Iterator[httpx.Client]:
+def serve_app(node: IngestNode, max_body_bytes: int | None = None) -> Iterator[httpx.Client]:
     """The STOW router on a real uvicorn server on a free port, and a client for it."""
     app = FastAPI()
-    app.include_router(stow_router(node.store))
+    app.include_router(stow_router(node.store, max_body_bytes=max_body_bytes))
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
@@ -153,3 +153,12 @@ def test_stow_request_refusals_are_recorded(stow: tuple[IngestNode, httpx.Client
         reasons = [r.reason for r in s.scalars(select(Rejection).order_by(Rejection.id))]
     assert "expected multipart/related" in reasons[0]
     assert "boundary" in reasons[1]
+
+
+def test_stow_body_over_the_limit_is_refused(tmp_path: Path) -> None:
+    with running_node(tmp_path) as node, serve_app(node, max_body_bytes=1000) as client:
+        files = ct_series(tmp_path / "a", n=1, seed="stow-big")
+        response = post(client, [files[0].read_bytes()])
+        assert response.status_code == 413
+        assert node.instance_count() == 0
+        assert "exceeds 1000" in node.rejections()[-1].reason
