@@ -73,3 +73,27 @@ def register(subparsers: Any) -> None:
             "--drain-s", type=float, default=30.0, help="seconds to let work in flight finish"
         )
         p.set_defaults(func=func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m node.cli_serve [--config FILE] serve|worker ...`` without the other commands."""
+    from node.errors import NodeError
+
+    parser = argparse.ArgumentParser(prog="hpb-node")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except NodeError as exc:
+        print(f"hpb-node: error: {exc}", flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

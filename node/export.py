@@ -23,6 +23,7 @@ A re-run sends the same SOP Instance UIDs again: the PACS replaces them.
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -141,6 +142,10 @@ def send_dimse(
         raise ExportError("more than 128 distinct presentation contexts in one batch")
     ae.requested_contexts = list(contexts.values())
     where = f"{dest.ae_title} at {dest.host}:{dest.port}"
+    try:  # a plain TCP probe first: a clear reason, and no socket left behind by pynetdicom
+        socket.create_connection((dest.host, dest.port), timeout=timeout).close()
+    except OSError as exc:
+        raise ExportError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         if assoc.is_rejected:

@@ -85,3 +85,19 @@ def threshold_pipeline(ctx: JobContext) -> PipelineResult:
 
 
 register(NAME, VERSION, threshold_pipeline, "TEST ONLY: SEG of HU > 100")
+
+
+def count_pipeline(ctx: JobContext) -> PipelineResult:
+    """TEST ONLY: append the job id to ``HPB_TEST_COUNT_FILE`` (one line per run), no outputs."""
+    path = os.environ["HPB_TEST_COUNT_FILE"]
+    time.sleep(float(os.environ.get("HPB_TEST_PIPELINE_SLEEP", "0") or 0))
+    ctx.heartbeat()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{ctx.job_id} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return PipelineResult([], "counted", {})
+
+
+register("count-test", "c1", count_pipeline, "TEST ONLY: records each run")
