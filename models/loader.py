@@ -180,6 +180,20 @@ def _read(source: Path | str | Sequence[Path | str] | Sequence[Dataset]) -> list
     return out
 
 
+def _dedupe(datasets: list[Dataset]) -> list[Dataset]:
+    """Drop repeated copies of one instance (same SOP Instance UID), keeping the first."""
+    seen: set[str] = set()
+    out = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid and uid in seen:
+            log.info("ignoring a second copy of instance %s", uid)
+            continue
+        seen.add(uid)
+        out.append(ds)
+    return out
+
+
 def _floats(value: Any, n: int, what: str, sop: str) -> npt.NDArray[np.float64]:
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
@@ -463,7 +477,7 @@ def load_series(
         raise ValueError("uneven must be 'refuse' or 'resample'")
     if tilt not in ("refuse", "shear"):
         raise ValueError("tilt must be 'refuse' or 'shear'")
-    datasets = _read(source)
+    datasets = _dedupe(_read(source))
     _check_uniform(datasets)
     slices: list[_Slice] = []
     for ds in datasets:

@@ -278,3 +278,35 @@ def test_refuses_undecodable_pixels(tmp_path: Path) -> None:
     ds.save_as(paths[0])
     err = _refused(paths, RefusalReason.UNREADABLE)
     assert "RLE Lossless" in str(err)
+
+
+def test_refuses_mixed_frame_of_reference_sop_class_and_size(tmp_path: Path) -> None:
+    paths, _, _ = _small(tmp_path)
+    ds = pydicom.dcmread(paths[4])
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.save_as(paths[4])
+    _refused(paths, RefusalReason.MIXED_FRAME_OF_REFERENCE)
+
+    paths, _, _ = _small(tmp_path, name="sop")
+    ds = pydicom.dcmread(paths[4])
+    ds.SOPClassUID = pydicom.uid.MRImageStorage
+    ds.save_as(paths[4])
+    _refused(paths, RefusalReason.MIXED_SOP_CLASS)
+
+    # same series and frame of reference, a 16x20 matrix further up
+    paths, _, _ = _small(tmp_path, name="size")
+    wide = np.zeros((2, 16, 20), dtype=np.float32)
+    aff = np.array([[0, 0, 2.0, -10], [0, 2.0, 0, -20], [5.0, 0, 0, 60], [0, 0, 0, 1]])
+    more = write_series(wide, aff, tmp_path / "size2", seed="size")
+    for p in more:  # distinct instances (the writer derives UIDs from the slice index)
+        ds = pydicom.dcmread(p)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(p)
+    _refused([*paths, *more], RefusalReason.MIXED_SIZE)
+
+
+def test_repeated_copies_of_an_instance_are_ignored(tmp_path: Path) -> None:
+    paths, a, aff = _small(tmp_path)
+    shutil.copy(paths[2], tmp_path / "s" / "copy.dcm")
+    vol = load_series(tmp_path / "s")
+    assert_same(vol.array, vol.affine, a, aff)
