@@ -10,10 +10,12 @@ each decision is listed by /hpb-router/routed with its reason.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -240,6 +242,116 @@ def test_plugin_routes_stable_ct_and_never_routes_node_outputs(
         stop_orthanc(orth)
 
 
+# ---------------------------------------------------------------- the node as a process
+
+
+@dataclass
+class NodeProc:
+    """``hpb-node serve`` in its own process (SCP, HTTP, scheduler, one worker)."""
+
+    proc: subprocess.Popen[bytes]
+    dicom_port: int
+    http_port: int
+    log: Path
+    api: httpx.Client
+    config: Path
+
+
+def node_config(
+    workdir: Path, orth: OrthancProc, node_port: int, pipeline: str, admin_token: str
+) -> Path:
+    """Settings and rules for a node that sends its results back to ``orth``."""
+    rules = workdir / "rules.yaml"
+    rules.write_text(
+        json.dumps(
+            {
+                "destinations": [
+                    {
+                        "name": "pacs",
+                        "kind": "dimse",
+                        "ae_title": orth.aet,
+                        "host": "127.0.0.1",
+                        "port": orth.dicom_port,
+                    }
+                ],
+                "rules": [
+                    {
+                        "name": "liver-ct",
+                        "match": {"modality": ["CT"], "series_description": "(?i)portal|venous"},
+                        "pipeline": pipeline,
+                        "destinations": ["pacs"],
+                    }
+                ],
+            }
+        )
+    )
+    cfg = workdir / "node.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "demo": False,
+                "rules_file": str(rules),
+                "ingest": {"ae_title": "HPBNODE", "host": "127.0.0.1", "port": node_port},
+                "http": {"host": "127.0.0.1", "port": free_port(), "admin_token": admin_token},
+                "database": {"url": f"sqlite:///{workdir / 'node.db'}"},
+                "spool": {"root": str(workdir / "spool"), "min_free_mb": 0},
+                "scheduler": {"stable_after_s": 1.0, "sweep_interval_s": 0.5},
+                "workers": {"count": 1, "backoff_s": 1.0},
+                "export": {"backoff_s": 1.0},
+            }
+        )
+    )
+    return cfg
+
+
+def start_node(workdir: Path, cfg: Path, admin_token: str, *modules: str) -> NodeProc:
+    ready = workdir / "ready.json"
+    log = workdir / "node.log"
+    cmd = [sys.executable, "-m", "node", "--config", str(cfg), "serve"]
+    cmd += ["--ready-file", str(ready), "--drain-s", "5"]
+    for m in modules:
+        cmd += ["--pipeline-module", m]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", TCP_NODELAY="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+
+    def started() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"node exited: {log.read_text(errors='replace')[-3000:]}")
+        return ready.is_file()
+
+    wait_for(started, 60, "the node's ready file")
+    info = json.loads(ready.read_text())
+    api = httpx.Client(
+        base_url=f"http://127.0.0.1:{info['http_port']}",
+        headers={"Authorization": f"Bearer {admin_token}"},
+        timeout=30,
+    )
+    return NodeProc(proc, info["dicom_port"], info["http_port"], log, api, cfg)
+
+
+def stop_node(node: NodeProc) -> None:
+    node.api.close()
+    node.proc.terminate()
+    try:
+        node.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        node.proc.wait()
+
+
+def study_modalities(orth: OrthancProc, study_uid: str) -> dict[str, list[dict[str, Any]]]:
+    """Series of a study in Orthanc by modality."""
+    found = orth.client.post(
+        "/tools/find",
+        json={"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
+    ).json()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for series in found:
+        out.setdefault(series["MainDicomTags"].get("Modality", ""), []).append(series)
+    return out
+
+
 def test_invalid_router_section_disables_the_plugin_with_a_clear_log(
     tmp_path: Path, node_scp: StorageScp
 ) -> None:
@@ -250,3 +362,74 @@ def test_invalid_router_section_disables_the_plugin_with_a_clear_log(
     finally:
         stop_orthanc(orth)
     assert "hpb-router disabled: HpbRouter.Method must be 'dimse' or 'stow'" in orth.log.read_text()
+
+
+# ---------------------------------------------------------------- end to end
+
+E2E_TOKEN = "e2e-admin-token-not-the-demo-secret"
+
+
+def e2e_ct(shared_data: Path, out: Path, seed: str) -> tuple[str, str, list[Path]]:
+    """A real abdominal CT written as a DICOM series (study UID, series UID, files)."""
+    from models.nifti import load_nifti_krc
+    from models.series_writer import SeriesInfo, write_series
+
+    ct, affine = load_nifti_krc(shared_data / "ct_abdomen_3mm" / "ct.nii.gz")
+    info = SeriesInfo()
+    paths = write_series(ct, affine, out, info=info, seed=seed)
+    return info.study_uid, info.series_uid, paths
+
+
+# The model pipeline (hpb-ct-mr) needs the shipped bundle models/bundles/hpb_demo.
+# Until it lands, the chain runs with the TEST-ONLY threshold pipeline
+# (tests/support/threshold_pipeline.py, a real DICOM SEG of HU > 100) standing in
+# for the model: everything else (Orthanc, plugin, node SCP, rules, queue,
+# worker, export back to Orthanc, loop prevention) is the real thing.
+E2E_PIPELINE = ("threshold-test", ("tests.support.threshold_pipeline",), {"SEG"})
+
+
+def test_end_to_end_storescu_orthanc_plugin_node_results_in_orthanc(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """DCMTK storescu -> Orthanc -> plugin -> node -> pipeline -> results back in Orthanc."""
+    pipeline, modules, expected = E2E_PIPELINE
+    study_uid, series_uid, files = e2e_ct(shared_data, tmp_path / "ct", "e2e-push")
+    node_port = free_port()
+    orth = start_orthanc(tmp_path / "orthanc", node_port, {"MinInstances": 1})
+    node = None
+    try:
+        (tmp_path / "node").mkdir()
+        cfg = node_config(tmp_path / "node", orth, node_port, pipeline, E2E_TOKEN)
+        node = start_node(tmp_path / "node", cfg, E2E_TOKEN, *modules)
+        storescu(orth, files)
+
+        wait_for(
+            lambda: expected <= set(study_modalities(orth, study_uid)),
+            240,
+            f"{sorted(expected)} from the node in Orthanc",
+        )
+        jobs = node.api.get("/api/jobs").json()
+        assert [(j["series_instance_uid"], j["state"]) for j in jobs] == [(series_uid, "succeeded")]
+        seg_series = study_modalities(orth, study_uid)["SEG"][0]
+        seg_file = orth.client.get(f"/instances/{seg_series['Instances'][0]}/file").content
+        seg = pydicom.dcmread(io.BytesIO(seg_file))
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+        assert seg.StudyInstanceUID == study_uid
+
+        # the results are not routed back to the node (no loop)
+        n_outputs = sum(len(v) for k, v in study_modalities(orth, study_uid).items() if k != "CT")
+        wait_for(
+            lambda: len(orth.get("/hpb-router/routed")["skipped"]) >= n_outputs,
+            60,
+            "the plugin's decision on each result series",
+        )
+        state = orth.get("/hpb-router/routed")
+        assert [r["series_uid"] for r in state["routed"]] == [series_uid]
+        assert all(s["reason"].startswith("node output") for s in state["skipped"])
+        assert len(node.api.get("/api/jobs").json()) == 1
+        audit = node.api.get("/api/audit").json()
+        assert {"result.created", "export.sent"} <= {e["action"] for e in audit}
+    finally:
+        if node is not None:
+            stop_node(node)
+        stop_orthanc(orth)
