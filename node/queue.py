@@ -291,3 +291,19 @@ def cancel_superseded(session: Session, series_id: int, rule_name: str, generati
 def _rowcount(result: Any) -> int:
     """Rows an UPDATE changed (CursorResult.rowcount; typed loosely by SQLAlchemy)."""
     return int(result.rowcount)
+
+
+def rerun(session: Session, job_id: int, actor: str) -> Job:
+    """Queue a finished job again (fresh attempts); its results replace the earlier ones."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise QueueError(f"job {job_id} not found")
+    if job.state in (JobState.QUEUED, JobState.RUNNING):
+        raise QueueError(f"job {job_id} is {job.state.value}; it is already queued or running")
+    job.state = JobState.QUEUED
+    job.attempts = 0
+    job.not_before = utcnow()
+    job.last_error = ""
+    job.finished_at = None
+    audit(session, actor, "job.rerun", f"job:{job_id}")
+    return job

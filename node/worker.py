@@ -202,9 +202,21 @@ def run_one(
         with sessions.begin() as session:
             destinations = list(claim.destinations)
             outcome = result.outcome
+            current = session.get(Series, claim.series_id)
+            if (
+                current is not None
+                and current.generation != claim.series_generation
+                and settings.scheduler.late_instances == "reopen"
+            ):
+                # late instances re-opened the series while this ran: the next
+                # generation's job replaces these results, so none is sent
+                destinations = []
+                outcome += (
+                    f"; superseded by generation {current.generation} of the series, not sent"
+                )
             if written and destinations:
                 outcome += f"; delivery to {', '.join(destinations)} pending"
-            elif written:
+            elif written and "superseded" not in outcome:
                 outcome += "; no destination configured"
             summary = dict(result.summary)
             summary["objects"] = [{"kind": k, "sop_instance_uid": u} for k, _, u, _ in written]
