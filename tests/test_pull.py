@@ -22,6 +22,7 @@ from node.db import Instance, Series, create_engine_for, session_factory
 from node.ingest import Store
 from node.pull import PullCursor, Puller, PullFilters, connect, ensure_cursor_table
 from node.settings import Settings
+from tests.conftest import free_port
 from tests.test_orthanc_plugin import (
     AUTH,
     copy_series,
@@ -136,7 +137,58 @@ def test_pull_reports_an_unreachable_orthanc(tmp_path: Path) -> None:
             }
         )
     )
-    from tests.conftest import free_port
-
     url = f"http://127.0.0.1:{free_port()}"
     assert cli_main(["--config", str(cfg), "pull", "--orthanc", url, "--once"]) == 2
+
+
+def test_end_to_end_pull_mode_results_in_orthanc(
+    shared_data: Path, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """storescu -> Orthanc (no plugin routing) <- hpb-node pull -> node -> results in Orthanc."""
+    from tests.test_orthanc_plugin import (
+        E2E_PIPELINE,
+        E2E_TOKEN,
+        e2e_ct,
+        node_config,
+        start_node,
+        stop_node,
+        study_modalities,
+    )
+
+    pipeline, modules, expected = E2E_PIPELINE
+    study_uid, series_uid, files = e2e_ct(shared_data, tmp_path / "ct", "e2e-pull")
+    node_port = free_port()
+    orth = start_orthanc(tmp_path / "orthanc", node_port, {"Enabled": False})
+    node = None
+    try:
+        (tmp_path / "node").mkdir()
+        cfg = node_config(tmp_path / "node", orth, node_port, pipeline, E2E_TOKEN)
+        node = start_node(tmp_path / "node", cfg, E2E_TOKEN, *modules)
+        storescu(orth, files)
+        wait_for(lambda: stable_series(orth.client) == 1, 60, "the CT to be stable in Orthanc")
+        pull = ["--config", str(cfg), "pull", "--orthanc", orth.url, "--user", AUTH[0]]
+        pull += ["--password-env", "TEST_ORTHANC_PASSWORD", "--once"]
+        monkeypatch.setenv("TEST_ORTHANC_PASSWORD", AUTH[1])
+        assert cli_main(pull) == 0
+        assert "pulled 1 series, 112 instances (0 refused)" in capsys.readouterr().out
+        wait_for(
+            lambda: expected <= set(study_modalities(orth, study_uid)),
+            240,
+            f"{sorted(expected)} from the node in Orthanc",
+        )
+        jobs = node.api.get("/api/jobs").json()
+        assert [(j["series_instance_uid"], j["state"]) for j in jobs] == [(series_uid, "succeeded")]
+        # the node's own results are never pulled back
+        n_results = sum(len(v) for k, v in study_modalities(orth, study_uid).items() if k != "CT")
+        wait_for(
+            lambda: stable_series(orth.client) == 1 + n_results, 60, "the results to be stable"
+        )
+        assert cli_main(pull) == 0
+        assert f"pulled 0 series, 0 instances (0 refused), {n_results} series skipped" in (
+            capsys.readouterr().out
+        )
+        assert len(node.api.get("/api/jobs").json()) == 1
+    finally:
+        if node is not None:
+            stop_node(node)
+        stop_orthanc(orth)
