@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             "generator draws them), labs/history synthesised, image features from the truths "
             "+ measurement noise; model trained on the stand-in sampler only",
             "diseases": gen,
+            "fused_not_better_than_image": [
+                k for k, r in gen.items() if r["fused_auroc"] <= r["image_auroc"]
+            ],
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -7,7 +7,9 @@ Inputs
   pancreatic duct and common bile duct calibre, peripancreatic stranding,
   gallbladder wall; per organ (liver, pancreas, gallbladder) and lesion class
   (solid = mass/nodule, cyst, calculus) the count, the largest long axis and the
-  largest lesion's attenuation relative to its organ.
+  largest lesion's attenuation relative to its organ; the contrast phase
+  (``Findings.provenance.contrast_phase``) as indicators, so attenuation is
+  read against its phase.
 * **Lab features** (:func:`lab_features`): each panel test in its canonical
   unit, log-transformed where skewed and scaled by its reference interval,
   with a **missingness indicator** per test (a missing value is imputed as the
@@ -44,7 +46,7 @@ import numpy.typing as npt
 
 from models.findings import Findings, LesionFinding, lab_id, lesion_id, organ_id
 from models.labs import LAB_PANEL, ClinicalContext
-from models.vocab import Disease, LesionKind, Organ
+from models.vocab import ContrastPhase, Disease, LesionKind, Organ
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -99,6 +101,9 @@ IMAGE_FEATURES: tuple[str, ...] = (
         for stat in ("count", "max_mm", "rel_hu")
     ),
     "img.liver_solid_hyper_count",
+    "img.phase_non_contrast",
+    "img.phase_arterial",
+    "img.phase_delayed",
 )
 
 
@@ -128,7 +133,8 @@ def image_features(findings: Findings) -> FloatArray:
     """The image feature vector (order: :data:`IMAGE_FEATURES`) from measured findings.
 
     Absent organs take population-typical defaults (so a missing spleen does
-    not look like splenomegaly); CT attenuation is assumed (HU).
+    not look like splenomegaly); CT attenuation is assumed (HU), read with
+    the contrast phase indicators.
     """
     liver_hu = _mean(findings, Organ.LIVER, 105.0)
     spleen_hu = _mean(findings, Organ.SPLEEN, 110.0)
@@ -165,6 +171,13 @@ def image_features(findings: Findings) -> FloatArray:
         if (les.mean_intensity or 0.0) > liver_hu + 10.0
     ]
     v.append(math.log1p(len(hyper)))
+    # contrast phase (portal venous / unknown is the baseline): attenuation offsets per phase
+    phase = findings.provenance.contrast_phase
+    v += [
+        float(phase == ContrastPhase.NON_CONTRAST),
+        float(phase == ContrastPhase.ARTERIAL),
+        float(phase == ContrastPhase.DELAYED),
+    ]
     return np.asarray(v, dtype=np.float64)
 
 

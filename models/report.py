@@ -38,7 +38,7 @@ from models.findings import (
     ReportSentence,
 )
 from models.labs import LAB_PANEL, ClinicalContext, by_name
-from models.vocab import Disease, LesionKind, Organ, SubSite
+from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
 
 __all__ = [
     "LIKELY_P",
@@ -210,6 +210,8 @@ def _organ_sentences(findings: Findings) -> list[ReportSentence]:
         out.append(S("findings", text + ".", (liver.id,)))
         if (
             spleen is not None
+            and findings.provenance.contrast_phase
+            not in (ContrastPhase.ARTERIAL, ContrastPhase.DELAYED)
             and liver.mean_intensity is not None
             and spleen.mean_intensity is not None
             and liver.mean_intensity < spleen.mean_intensity - REL_HU

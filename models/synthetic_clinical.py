@@ -44,6 +44,7 @@ from models.findings import (
     Provenance,
 )
 from models.labs import LAB_PANEL
+from models.synthetic.appearance import tissue_value
 from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
 
 __all__ = [
@@ -71,6 +72,14 @@ _PRIMARY: tuple[tuple[Disease | None, float], ...] = (
     (D.PANCREATIC_CYSTIC_LESION, 0.08),
     (D.PANCREATITIS, 0.08),
 )
+# Contrast phases as the image generator draws them (models.synthetic.diseases).
+_PHASES = (
+    ContrastPhase.NON_CONTRAST,
+    ContrastPhase.ARTERIAL,
+    ContrastPhase.PORTAL_VENOUS,
+    ContrastPhase.DELAYED,
+)
+_PHASE_P = (0.15, 0.25, 0.48, 0.12)
 # Incidental co-occurring conditions (independent of the primary).
 _INCIDENTAL: tuple[tuple[Disease, float], ...] = (
     (D.STEATOSIS, 0.12),
@@ -124,7 +133,11 @@ def _lesion(
 
 
 def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
-    """A CT case truth (no voxels) drawn from the synthetic disease model above."""
+    """A CT case truth (no voxels) drawn from the synthetic disease model above.
+
+    Contrast phases and tissue attenuation per phase follow the image generator
+    (``models.synthetic.appearance``), so the two give comparable truths.
+    """
     rng = np.random.default_rng(seed)
     r = rng.uniform()
     acc = 0.0
@@ -143,7 +156,17 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
     if D.CIRRHOSIS in diseases:
         diseases.discard(D.STEATOSIS) if rng.uniform() < 0.5 else None
 
-    pancreas_hu = float(rng.normal(78 if D.PANCREATITIS in diseases else 100, 12))
+    prng = np.random.default_rng([seed, 1])  # own stream: the disease draws stay the same
+    phase = _PHASES[int(prng.choice(len(_PHASES), p=_PHASE_P))]
+
+    def tissue(name: str) -> float:
+        return tissue_value("CT", phase, name)
+
+    pancreas_hu = float(
+        rng.normal(tissue("pancreas") - (22 if D.PANCREATITIS in diseases else 0), 12)
+    )
+    # haemangioma: mostly the slowly filling core, partly the enhancing peripheral nodules
+    haem_hu = 0.75 * tissue("haemangioma_core") + 0.25 * tissue("haemangioma_nodule")
     lesions: list[LesionTruth] = []
 
     def add(*a: Any) -> None:
@@ -152,13 +175,20 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
     liver, panc, gb = Organ.LIVER, Organ.PANCREAS, Organ.GALLBLADDER
     if D.HCC in diseases:
         for _ in range(int(rng.choice([1, 1, 1, 2, 3]))):
-            add(liver, LesionKind.MASS, D.HCC, (12, 80), (92, 22), _pick(rng, COUINAUD))
+            add(liver, LesionKind.MASS, D.HCC, (12, 80), (tissue("hcc"), 22), _pick(rng, COUINAUD))
     if D.LIVER_METASTASIS in diseases:
         for _ in range(int(rng.integers(1, 6))):
-            add(liver, LesionKind.MASS, D.LIVER_METASTASIS, (7, 50), (70, 18), _pick(rng, COUINAUD))
+            add(
+                liver,
+                LesionKind.MASS,
+                D.LIVER_METASTASIS,
+                (7, 50),
+                (tissue("metastasis"), 18),
+                _pick(rng, COUINAUD),
+            )
     if D.HAEMANGIOMA in diseases:
         for _ in range(int(rng.choice([1, 1, 2]))):
-            add(liver, LesionKind.MASS, D.HAEMANGIOMA, (8, 55), (115, 25), _pick(rng, COUINAUD))
+            add(liver, LesionKind.MASS, D.HAEMANGIOMA, (8, 55), (haem_hu, 25), _pick(rng, COUINAUD))
     if D.SIMPLE_CYST in diseases:
         for _ in range(int(rng.choice([1, 1, 2, 3]))):
             add(liver, LesionKind.CYST, D.SIMPLE_CYST, (5, 60), (8, 7), _pick(rng, COUINAUD))
@@ -172,7 +202,7 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
         if rng.uniform() < 0.12:  # isoattenuating PDAC: only secondary signs on CT
             add(panc, LesionKind.MASS, D.PDAC, (12, 35), (pancreas_hu, 4.0), part)
         else:
-            add(panc, LesionKind.MASS, D.PDAC, (10, 40), (70, 15), part)
+            add(panc, LesionKind.MASS, D.PDAC, (10, 40), (tissue("pdac"), 15), part)
     if D.PANCREATIC_CYSTIC_LESION in diseases:
         add(
             panc,
@@ -207,11 +237,13 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
     q: dict[str, float] = {
         "liver_volume_ml": float(rng.normal(1200 if cirr else 1650, 250)),
         "liver_mean_hu": float(
-            rng.normal(105, 10) - (rng.uniform(12, 40) if stea else 0.0) - (8 if cirr else 0.0)
+            rng.normal(tissue("liver"), 10)
+            - (rng.uniform(12, 40) if stea else 0.0)
+            - (8 if cirr else 0.0)
         ),
         "cirrhotic_contour": float(np.clip(rng.normal(0.65 if cirr else 0.2, 0.18), 0, 1)),
         "spleen_volume_ml": float(rng.lognormal(np.log(420 if cirr else 200), 0.3)),
-        "spleen_mean_hu": float(rng.normal(110, 10)),
+        "spleen_mean_hu": float(rng.normal(tissue("spleen"), 10)),
         "pancreas_volume_ml": float(rng.normal(95 if D.PANCREATITIS in diseases else 70, 15)),
         "pancreas_mean_hu": pancreas_hu,
         "pancreatic_duct_mm": float(
@@ -233,7 +265,7 @@ def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
         case_id=case_id or f"syn-{seed:06d}",
         seed=seed,
         modality="CT",
-        phase=ContrastPhase.PORTAL_VENOUS,
+        phase=phase,
         age=int(np.clip(rng.normal(62, 13), 19, 95)),
         sex=str(rng.choice(["M", "F"])),
         diseases=tuple(d for d in Disease if d in diseases),
