@@ -33,6 +33,8 @@ from tests.support.node_proc import (
 from tests.support.orthanc import OrthancProcess
 from tests.test_e2e_orthanc import ct_series
 
+pytestmark = pytest.mark.orthanc
+
 
 @pytest.fixture()
 def pacs(tmp_path: Path) -> Iterator[OrthancProcess]:

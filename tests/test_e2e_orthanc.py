@@ -33,6 +33,8 @@ from tests.support.dcmtk import storescu
 from tests.support.node_proc import all_jobs, all_outbox, wait_for
 from tests.support.orthanc import OrthancProcess
 
+pytestmark = pytest.mark.orthanc
+
 SLICES = slice(76, 100)  # 24 slices through the liver
 
 

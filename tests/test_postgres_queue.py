@@ -1,0 +1,90 @@
+"""Two worker processes share 20 jobs on PostgreSQL (FOR UPDATE SKIP LOCKED): none lost, none twice."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from node import queue
+from node.db import Instance, JobState, Series, Study, create_engine_for, session_factory
+from node.migrate import upgrade
+from tests.support.node_proc import NodeProcess, all_jobs, wait_for, write_config
+
+pytestmark = pytest.mark.postgres
+
+ADMIN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+
+
+@pytest.fixture()
+def pg_url() -> Iterator[str]:
+    name = f"hpb_test_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = psycopg.connect(ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required for this test: {exc}")
+    with conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_two_worker_processes_share_twenty_jobs(tmp_path: Path, pg_url: str) -> None:
+    upgrade(pg_url)
+    engine = create_engine_for(pg_url)
+    sessions = session_factory(engine)
+    config = write_config(tmp_path / "node", rules={"rules": []}, database_url=pg_url, lease_s=10)
+    spool = tmp_path / "node" / "spool"
+    rel = Path("1.2.3") / "1.2.3.4" / "1.2.3.4.5.dcm"
+    (spool / rel).parent.mkdir(parents=True)
+    (spool / rel).write_bytes(b"not read by the count pipeline")
+    counts = tmp_path / "runs.txt"
+    env = {"HPB_TEST_COUNT_FILE": str(counts), "HPB_TEST_PIPELINE_SLEEP": "0.3"}
+    workers = [NodeProcess(config, "worker", workers=2, env=env, name=f"w{i}") for i in range(2)]
+    try:
+        for w in workers:
+            w.start()  # both listening before any job exists, so both get work
+        with sessions.begin() as s:
+            study = Study(study_instance_uid="1.2.3")
+            s.add(study)
+            s.flush()
+            series = Series(
+                series_instance_uid="1.2.3.4", study_id=study.id, modality="CT", instance_count=1
+            )
+            s.add(series)
+            s.flush()
+            s.add(
+                Instance(
+                    sop_instance_uid="1.2.3.4.5",
+                    series_id=series.id,
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=str(rel),
+                    size_bytes=1,
+                )
+            )
+            for _ in range(20):
+                queue.enqueue(
+                    s, series_id=series.id, rule_name="r", pipeline="count-test", destinations=[]
+                )
+        wait_for(
+            lambda: all(j.state == JobState.SUCCEEDED for j in all_jobs(sessions)),
+            120,
+            "all 20 jobs done",
+        )
+    finally:
+        codes = [w.terminate() for w in workers]
+        engine.dispose()
+    assert codes == [0, 0]
+    runs = [line.split() for line in counts.read_text().splitlines()]
+    per_job = Counter(job for job, _ in runs)
+    assert len(per_job) == 20 and set(per_job.values()) == {1}  # none lost, none twice
+    pids = {pid for _, pid in runs}
+    assert pids == {str(w.pid) for w in workers}  # both processes took work
