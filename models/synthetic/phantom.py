@@ -140,7 +140,20 @@ def _tube(
     r = float(np.max(radii)) + pad
     box = canvas.deform.box(points.min(0) - r, points.max(0) + r)
     x, y, z = canvas.deform.coords(box)
-    return box, x, y, z, polyline_sdf(x, y, z, points, radii)
+    out = np.full(x.shape, np.inf, dtype=np.float32)
+    # each segment only within its own bounding box (long curved tubes are cheap)
+    for i in range(len(points) - 1):
+        seg = points[i : i + 2]
+        sub = canvas.deform.box(seg.min(0) - r, seg.max(0) + r)
+        rel = tuple(
+            slice(max(s.start, b.start) - b.start, max(min(s.stop, b.stop) - b.start, 0))
+            for s, b in zip(sub, box, strict=True)
+        )
+        if any(sl.stop <= sl.start for sl in rel):
+            continue
+        d = polyline_sdf(x[rel], y[rel], z[rel], seg, radii[i : i + 2])
+        np.minimum(out[rel], d, out=out[rel])
+    return box, x, y, z, out
 
 
 def build_anatomy(
