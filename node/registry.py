@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Instance, Rejection, Series, SeriesState, Study, utcnow
@@ -276,13 +277,25 @@ def _series_issue(series: Series, issue: str) -> None:
         series.ingest_issues = "\n".join(lines)
 
 
-def _reopen(series: Series) -> bool:
-    if series.state in (SeriesState.COMPLETE, SeriesState.PURGED):
-        series.state = SeriesState.RECEIVING
-        series.generation += 1
-        series.completed_at = None
-        return True
-    return False
+def _reopen(session: Session, series: Series) -> bool:
+    """Set a COMPLETE/PURGED series back to RECEIVING with generation + 1, atomically.
+
+    One conditional UPDATE, so two late instances arriving together (or a
+    stability sweep committing meanwhile) re-open it exactly once.
+    """
+    if series.state not in (SeriesState.COMPLETE, SeriesState.PURGED):
+        return False
+    result = session.execute(
+        update(Series)
+        .where(
+            Series.id == series.id,
+            Series.state.in_([SeriesState.COMPLETE, SeriesState.PURGED]),
+        )
+        .values(state=SeriesState.RECEIVING, generation=Series.generation + 1, completed_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.expire(series, ["state", "generation", "completed_at"])
+    return bool(cast(CursorResult[Any], result).rowcount)
 
 
 def record_instance(
@@ -354,7 +367,7 @@ def record_instance(
         session.add(series)
         session.flush()
     else:
-        reopened = _reopen(series)
+        reopened = _reopen(session, series)
         if series.study_id != study_id:
             _series_issue(series, "instances of this series name different studies")
         if series.rows is None and header.rows is not None:
@@ -391,7 +404,8 @@ def record_instance(
                 received_at=now,
             )
         )
-        series.instance_count += 1
+        # incremented in SQL: concurrent associations must not lose counts
+        series.instance_count = Series.instance_count + 1  # type: ignore[assignment]
     else:
         existing.path = str(path)
         existing.size_bytes = header.size

@@ -285,3 +285,45 @@ def test_logs_carry_no_patient_identifiers(
     assert "STORESCU" in text and "1 stored" in text and "1 refused" in text
     for identifier in ("Test^Synthetic", "HPB-TEST-0001", "19600101", "ACC0001"):
         assert identifier not in text
+
+
+def _send_chunks(port: int, chunks: list[list[Dataset]]) -> list[int]:
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker(chunk: list[Dataset]) -> None:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="HPBNODE")
+        assert assoc.is_established
+        try:
+            for ds in chunk:
+                status = int(assoc.send_c_store(ds).Status)
+                with lock:
+                    statuses.append(status)
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return statuses
+
+
+def test_concurrent_associations_into_one_series(tmp_path: Path) -> None:
+    datasets = [dcmread(f) for f in ct_series(tmp_path / "in", n=24, seed="concurrent")]
+    with running_node(tmp_path) as node:
+        statuses = _send_chunks(node.port, [datasets[i::4] for i in range(4)])
+        assert statuses == [0] * 24
+        with node.sessions.begin() as s:
+            series = s.scalars(select(Series)).one()
+            assert series.instance_count == 24  # no lost increments
+            series.state = SeriesState.COMPLETE
+        late = [dcmread(f) for f in ct_series(tmp_path / "late", n=28, seed="concurrent")[24:]]
+        assert _send_chunks(node.port, [late[:2], late[2:]]) == [0] * 4
+        with node.sessions() as s:
+            series = s.scalars(select(Series)).one()
+            assert series.instance_count == 28
+            assert series.generation == 2  # re-opened once, not once per instance
