@@ -79,26 +79,40 @@ class InstanceHeader:
     has_position: bool = False
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)[:limit]
-    return str(value).strip()[:limit]
-
-
-def _uid(ds: Dataset, keyword: str) -> str:
-    """A UID as its raw bytes say (no pydicom value validation, which may warn or raise)."""
+def _raw(ds: Dataset, keyword: str) -> str:
+    """An element's value as its bytes say, without pydicom's conversion and validation
+    (whose warnings quote values, e.g. a patient ID, into logs)."""
     tag = tag_for_keyword(keyword)
     if tag is None or tag not in ds:
         return ""
-    raw = ds.get_item(tag)
-    value = raw.value if raw is not None else None
+    elem = ds.get_item(tag)
+    value = elem.value if elem is not None else None
     if value is None:
         return ""
-    text = value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
-    return text.strip(" \x00")
+    if isinstance(value, bytes | bytearray):
+        try:
+            return value.decode("utf-8").strip(" \x00")
+        except UnicodeDecodeError:
+            return value.decode("latin-1").strip(" \x00")
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip(" \x00")
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    return _raw(ds, keyword)[:limit]
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    text = _raw(ds, keyword).split("\\")[0].strip()
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    return _raw(ds, keyword)
 
 
 def body_offset(data: bytes) -> int | None:
@@ -187,7 +201,6 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
         sop = _uid(ds, "SOPInstanceUID")
         study = _uid(ds, "StudyInstanceUID")
         series = _uid(ds, "SeriesInstanceUID")
-        thickness_raw = ds.get("SliceThickness")
         rows = ds.get("Rows")
         cols = ds.get("Columns")
         fields: dict[str, Any] = {
@@ -200,7 +213,7 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
             "series_description": _text(ds, "SeriesDescription", 64),
             "body_part_examined": _text(ds, "BodyPartExamined", 64),
             "image_type": _text(ds, "ImageType", 128),
-            "slice_thickness": float(thickness_raw) if thickness_raw not in (None, "") else None,
+            "slice_thickness": _number(ds, "SliceThickness"),
             "rows": int(rows) if rows not in (None, "") else None,
             "columns": int(cols) if cols not in (None, "") else None,
             "has_pixel_data": "PixelData" in ds or "FloatPixelData" in ds,
@@ -214,8 +227,13 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
                 "encapsulated pixel data ends without its delimiter (file truncated)",
                 STATUS_TRUNCATED,
             ) from exc
+        # pydicom quotes element values in some messages: those may identify the
+        # patient and the reason is logged, so such a message is left out
+        detail = str(exc)[:200]
+        if "'" in detail or '"' in detail:
+            detail = "details withheld (the message quotes element values)"
         raise IngestError(
-            f"cannot parse the DICOM data set: {type(exc).__name__}: {str(exc)[:200]}",
+            f"cannot parse the DICOM data set: {type(exc).__name__}: {detail}",
             STATUS_CANNOT_UNDERSTAND,
         ) from exc
     for name, value in (

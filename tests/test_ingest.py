@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import warnings
 from io import BytesIO
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import select
 
-from node.db import Instance, Series, SeriesState
+from node.db import Instance, Series, SeriesState, Study
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES
 from node.registry import body_offset
 from tests.support.dcmtk import echoscu, storescu
@@ -273,17 +274,25 @@ def test_reconcile_records_orphan_files_after_crash(tmp_path: Path) -> None:
 def test_logs_carry_no_patient_identifiers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    files = ct_series(tmp_path / "in", n=2, seed="logs")
+    files = ct_series(tmp_path / "in", n=3, seed="logs")
     bad = dcmread(files[1])
     del bad.PixelData  # an image without pixel data: refused and logged
     bad.save_as(tmp_path / "bad.dcm")
+    odd = dcmread(files[2])
+    with warnings.catch_warnings():  # an ID pydicom would quote in a validation warning
+        warnings.simplefilter("ignore")
+        odd.PatientID = "SECRET-ID-" + "7" * 70
+        odd.save_as(tmp_path / "odd.dcm")
     caplog.set_level(logging.DEBUG)
     with running_node(tmp_path) as node:
-        assert storescu(node.port, [files[0], tmp_path / "bad.dcm"]).returncode == 0
+        sent = [files[0], tmp_path / "bad.dcm", tmp_path / "odd.dcm"]
+        assert storescu(node.port, sent).returncode == 0
         node.scp.stop(timeout=5)
+        with node.sessions() as s:
+            assert s.scalars(select(Study.patient_id)).one() == "HPB-TEST-0001"
     text = caplog.text
-    assert "STORESCU" in text and "1 stored" in text and "1 refused" in text
-    for identifier in ("Test^Synthetic", "HPB-TEST-0001", "19600101", "ACC0001"):
+    assert "STORESCU" in text and "2 stored" in text and "1 refused" in text
+    for identifier in ("Test^Synthetic", "HPB-TEST-0001", "19600101", "ACC0001", "SECRET"):
         assert identifier not in text
 
 
