@@ -53,6 +53,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # from the API is ever interpreted).
 UI_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hpb-node jobs</title>
+<link rel="icon" href="data:,">
 <meta http-equiv="Content-Security-Policy" content="default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
 <style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
 td,th{border:1px solid #999;padding:.2em .6em;text-align:left}#status{color:#a00}</style>
