@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,8 @@ from models.synthetic import (
 )
 from models.synthetic import labels as L
 from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
-from node.cli import main as cli_main
+from node import cli_synth
+from node.errors import ConfigError
 
 ARTERIAL = ContrastPhase.ARTERIAL
 PORTAL = ContrastPhase.PORTAL_VENOUS
@@ -67,7 +69,7 @@ def test_forcing_the_phase_keeps_the_patient() -> None:
     assert not np.array_equal(a.image, b.image)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1, 5])
 def test_organs_present_with_plausible_volumes(seed: int) -> None:
     case = generate_case(seed)
     assert case.image.shape == (64, 96, 96) and case.image.dtype == np.float32
@@ -153,14 +155,13 @@ def test_lesion_appearances_metastasis_cyst_gallstone_pdac_steatosis() -> None:
     )
 
 
-def test_head_pdac_dilates_the_pancreatic_duct() -> None:
-    for seed in range(30, 60):
-        case = generate_case(seed, diseases=(Disease.PDAC,))
-        subs = [les.sub_site for les in case.truth.lesions]
-        if subs == [SubSite.PANCREAS_HEAD]:
-            assert case.truth.organ_qualities["pancreatic_duct_mm"] >= 5.0
-            return
-    pytest.fail("no seed in 30..59 produced a PDAC of the pancreatic head")
+def test_head_pdac_dilates_the_pancreatic_and_common_bile_duct() -> None:
+    case = generate_case(30, diseases=(Disease.PDAC,))  # seed 30 draws a head tumour
+    assert [les.sub_site for les in case.truth.lesions] == [SubSite.PANCREAS_HEAD]
+    assert case.truth.organ_qualities["pancreatic_duct_mm"] >= 5.0
+    assert case.truth.organ_qualities["cbd_mm"] >= 10.0
+    normal = generate_case(30, diseases=())
+    assert normal.truth.organ_qualities["pancreatic_duct_mm"] < 3.0
 
 
 def test_truth_sub_sites_match_the_shared_anatomy_definitions() -> None:
@@ -192,8 +193,8 @@ def test_mr_case() -> None:
 
 def test_same_anatomy_on_another_grid() -> None:
     small = generate_case(6)
-    fine = generate_case(6, shape=(80, 128, 128), spacing=(4.0, 3.0, 3.0))
-    assert fine.image.shape == (80, 128, 128)
+    fine = generate_case(6, shape=(54, 120, 120), spacing=(6.0, 3.2, 3.2))
+    assert fine.image.shape == (54, 120, 120)
     for label in (L.LIVER, L.SPLEEN, L.KIDNEY_LEFT):
         a, b = _volume_ml(small, label), _volume_ml(fine, label)
         assert abs(a - b) / a < 0.15, (ORGAN_LABELS[label], a, b)
@@ -229,6 +230,20 @@ def test_written_case_loads_back_identically(tmp_path: Path) -> None:
     assert truth == case.truth
 
 
+def cli_main(argv: list[str]) -> int:
+    """``hpb-node synth`` through its own parser (the full CLI imports torch for training)."""
+    parser = argparse.ArgumentParser()
+    cli_synth.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_cli_registers_synth() -> None:
+    from node.cli import COMMAND_MODULES
+
+    assert "node.cli_synth" in COMMAND_MODULES
+
+
 def test_dataset_manifest_and_cli(tmp_path: Path) -> None:
     manifest = write_dataset(tmp_path / "ds", [0, 9], dicom=False)
     rows = read_manifest(manifest)
@@ -239,12 +254,34 @@ def test_dataset_manifest_and_cli(tmp_path: Path) -> None:
             assert Path(r[role]).is_file()
         assert r["synthetic"] is True and r["label_table"]["1"] == "liver"
     rc = cli_main(
-        ["synth", "--out", str(tmp_path / "ds"), "-n", "1", "--seed", "3", "--mr-share", "1"]
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "ds"),
+            "-n",
+            "1",
+            "--seed",
+            "3",
+            "--mr-share",
+            "1",
+            "--no-dicom",
+            "--shape",
+            "32",
+            "64",
+            "64",
+            "--spacing",
+            "8",
+            "6",
+            "6",
+        ]
     )
     assert rc == 0
     rows = read_manifest(manifest)
     assert len(rows) == 3
-    assert rows[-1]["modality"] == "MR" and Path(rows[-1]["dicom"]).is_dir()
+    assert rows[-1]["modality"] == "MR" and rows[-1]["shape"] == [32, 64, 64]
+    assert "dicom" not in rows[-1]
+    with pytest.raises(ConfigError, match="--count"):
+        cli_main(["synth", "--out", str(tmp_path / "x"), "-n", "0"])
 
 
 # ---------------------------------------------------------------- models.anatomy on a real liver
