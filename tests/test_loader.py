@@ -310,3 +310,21 @@ def test_repeated_copies_of_an_instance_are_ignored(tmp_path: Path) -> None:
     shutil.copy(paths[2], tmp_path / "s" / "copy.dcm")
     vol = load_series(tmp_path / "s")
     assert_same(vol.array, vol.affine, a, aff)
+
+
+def test_enhanced_multiframe_mr(shared_data: Path, tmp_path: Path) -> None:
+    a, aff = load_nifti_krc(shared_data / "mr_abdomen_3mm" / "mr.nii.gz")
+    a = np.clip(a, 0, None)
+    paths = write_series(a, aff, tmp_path / "single", modality="MR", seed="mr-mf")
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=generate_uid(),
+        series_number=3,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    (tmp_path / "mf").mkdir()
+    mf.save_as(tmp_path / "mf" / "mr.dcm")
+    vol = load_series(tmp_path / "mf")
+    assert vol.modality == "MR" and len(vol.frame_numbers) == a.shape[0]
+    assert_same(vol.array, vol.affine, a, aff)
