@@ -186,6 +186,16 @@ def build_anatomy(
     canvas.paint(full, _cavity(xq, yq, body, fat_sc), "muscle", texture=3.0)
     cavity = _cavity(xq, yq, body, fat_sc + wall)
     canvas.paint(full, cavity, "fat")
+    # ribs: 10 mm bony bands every 28 mm inside the muscle wall, sloping down
+    # anteriorly, absent in front of the midline (costal cartilage) and below the 11th
+    slope_z = zq - 0.35 * yq
+    rib_phase = (dome_r * 7.0) % 28.0
+    band = np.abs(np.mod(slope_z - rib_phase, 28.0) - 14.0) - 9.0
+    shell = np.abs(cavity - 0.5 * wall) - 3.0
+    ribs = np.maximum.reduce(
+        [-band, shell, -60.0 - slope_z, np.minimum(45.0 - np.abs(xq), -20.0 - yq)]
+    )
+    canvas.paint(full, ribs, "bone")
 
     # pancreas centreline (needed for the stranding halo before anything else)
     pc = np.array(
