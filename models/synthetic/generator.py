@@ -19,7 +19,7 @@ from models.case import CaseTruth, LesionTruth
 from models.synthetic import labels as L
 from models.synthetic.diseases import sample_demographics, sample_diseases, sample_phase
 from models.synthetic.geometry import Deformation, Grid, rotation
-from models.synthetic.lesions import place_lesions
+from models.synthetic.lesions import PlacedLesion, place_lesions
 from models.synthetic.phantom import Canvas, DiffuseState, build_anatomy
 from models.vocab import ContrastPhase, Disease, Organ, SubSite
 
@@ -195,7 +195,7 @@ def _acquire(
 
 
 def _lesion_truths(
-    placed: list[Any],
+    placed: list[PlacedLesion],
     lesion_map: npt.NDArray[np.uint16],
     organ_labels: npt.NDArray[np.uint8],
     image: npt.NDArray[np.float32],
