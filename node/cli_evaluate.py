@@ -31,6 +31,7 @@ from models.evaluation.dataset import (
     VOLUME_UNITS_ML,
     DatasetError,
     SRContent,
+    group_structure,
     is_lesion_label,
     structure_name,
 )
@@ -90,14 +91,16 @@ def sr_reader(path: Path) -> SRContent:
         sr = read_sr(path)
     except DicomOutputError as exc:
         raise DatasetError(str(exc)) from exc
-    diameters: list[float] = []
+    # one diameter per lesion: a lesion's volumetric and planar (key-slice) groups
+    # share its tracking UID
+    diameters: dict[str, float] = {}
     volumes: dict[str, float] = {}
-    for g in sr.groups:
-        where = g.finding_sites[0][2] if g.finding_sites else g.tracking_id
+    for i, g in enumerate(sr.groups):
+        where = group_structure(g.tracking_id, g.finding_sites[0][2] if g.finding_sites else "")
         for m in g.measurements:
             factor = VOLUME_UNITS_ML.get(m.unit[0] if m.unit else "")
             if m.name[2].lower() == "volume" and factor is not None:
-                volumes.setdefault(structure_name(where or "volume"), m.value * factor)
+                volumes.setdefault(where, m.value * factor)
         best = 0.0
         for m in g.measurements:
             meaning = m.name[2].lower()
@@ -106,9 +109,10 @@ def sr_reader(path: Path) -> SRContent:
             if factor and ("diameter" in meaning or "long axis" in meaning):
                 best = max(best, m.value * factor)
         if best > 0:
-            diameters.append(best)
+            key = g.tracking_uid or g.tracking_id or f"#{i}"
+            diameters[key] = max(diameters.get(key, 0.0), best)
     text = " ".join(t for t in (sr.findings_text, sr.impression_text) if t)
-    return SRContent(tuple(diameters), text, tuple(volumes.items()))
+    return SRContent(tuple(diameters.values()), text, tuple(volumes.items()))
 
 
 def _readers() -> dict[str, Any]:

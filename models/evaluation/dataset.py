@@ -49,7 +49,13 @@ _ORGAN_ALIASES = {
     "gall_bladder": Organ.GALLBLADDER,
     "kidney_l": Organ.KIDNEY_LEFT,
     "kidney_r": Organ.KIDNEY_RIGHT,
+    "left_kidney": Organ.KIDNEY_LEFT,
+    "right_kidney": Organ.KIDNEY_RIGHT,
+    "bile_duct_structure": Organ.BILE_DUCT,
+    "common_bile_duct": Organ.BILE_DUCT,
+    "portal_vein_and_splenic_vein": Organ.PORTAL_SPLENIC_VEIN,
 }
+_ORGAN_VALUES = frozenset(o.value for o in Organ)
 
 
 class DatasetError(ValueError):
@@ -104,7 +110,12 @@ def resample_nearest(
     dst_shape: tuple[int, int, int],
     dst_affine: npt.NDArray[np.float64],
 ) -> npt.NDArray[Any]:
-    """Nearest-neighbour resampling of a label array between two (k, r, c) -> LPS grids."""
+    """Nearest-neighbour resampling of a label array between two (k, r, c) -> LPS grids.
+
+    A destination voxel takes the value of the source voxel whose extent holds its
+    centre (``grid-constant``: a centre up to half a voxel beyond the first or last
+    source centre still belongs to that voxel; float noise in the affines cannot
+    drop an edge slice), and 0 outside the source."""
     m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(
         dst_affine, dtype=np.float64
     )
@@ -117,7 +128,7 @@ def resample_nearest(
         output_shape=dst_shape,
         order=0,
         cval=0,
-        mode="constant",
+        mode="grid-constant",
     )
     return np.asarray(out, dtype=dtype)
 
@@ -199,38 +210,46 @@ class SRMeasurement:
     name: str
     value: float
     unit: str
-    group: str  # tracking identifier / finding of the measurement group ("" if none)
+    group: str  # tracking identifier of the measurement group ("" if none)
+    uid: str = ""  # tracking unique identifier of the group ("" if none)
+    site: str = ""  # finding site of the group (code meaning, "" if none)
+
+
+def _meaning(item: Any) -> str:
+    seq = getattr(item, "ConceptNameCodeSequence", None)
+    return str(seq[0].CodeMeaning) if seq else ""
 
 
 def read_sr_measurements(path: Path | Any) -> list[SRMeasurement]:
     """Every NUM content item of an SR (path or pydicom Dataset), with the tracking
-    identifier of the group it sits in."""
+    identifier, tracking UID and finding site of the group it sits in."""
     import pydicom
 
     ds = pydicom.dcmread(str(path)) if isinstance(path, str | Path) else path
     out: list[SRMeasurement] = []
 
-    def walk(items: Iterable[Any], group: str) -> None:
+    def walk(items: Iterable[Any], ctx: tuple[str, str, str]) -> None:
         items = list(items)
-        here = group
+        group, uid, site = ctx
         for it in items:
-            name = (
-                it.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in it else ""
-            )
-            if it.ValueType == "TEXT" and name.lower().startswith("tracking identifier"):
-                here = str(it.TextValue)
+            name = _meaning(it).lower()
+            if it.ValueType == "TEXT" and name.startswith("tracking identifier"):
+                group = str(it.TextValue)
+            elif it.ValueType == "UIDREF" and name.startswith("tracking unique identifier"):
+                uid = str(it.UID)
+            elif it.ValueType == "CODE" and name == "finding site" and "ConceptCodeSequence" in it:
+                site = str(it.ConceptCodeSequence[0].CodeMeaning)
         for it in items:
-            name = (
-                it.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in it else ""
-            )
             if it.ValueType == "NUM" and "MeasuredValueSequence" in it and it.MeasuredValueSequence:
                 mv = it.MeasuredValueSequence[0]
-                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
-                out.append(SRMeasurement(str(name), float(mv.NumericValue), str(unit), here))
+                unit = str(mv.MeasurementUnitsCodeSequence[0].CodeValue)
+                out.append(
+                    SRMeasurement(_meaning(it), float(mv.NumericValue), unit, group, uid, site)
+                )
             if "ContentSequence" in it:
-                walk(it.ContentSequence, here)
+                walk(it.ContentSequence, (group, uid, site))
 
-    walk(getattr(ds, "ContentSequence", []), "")
+    walk(getattr(ds, "ContentSequence", []), ("", "", ""))
     return out
 
 
@@ -257,18 +276,28 @@ def read_sr_content(path: Path) -> SRContent:
 VOLUME_UNITS_ML = {"ml": 1.0, "mL": 1.0, "cm3": 1.0, "mm3": 0.001, "l": 1000.0}
 
 
+def group_structure(tracking_id: str, site: str) -> str:
+    """The structure a measurement group is about: the organ its tracking identifier or
+    finding site names, else the finding site, else the tracking identifier."""
+    names = [structure_name(x) for x in (tracking_id, site) if x]
+    organ = next((n for n in names if n in _ORGAN_VALUES), None)
+    return organ or (names[-1] if names else "volume")
+
+
 def sr_volumes_ml(measurements: Iterable[SRMeasurement]) -> tuple[tuple[str, float], ...]:
-    """One volume (ml) per measurement group, named by its tracking identifier."""
+    """One volume (ml) per measurement group, named by the organ its tracking identifier
+    or finding site names, else by the finding site or tracking identifier."""
     found: dict[str, float] = {}
     for m in measurements:
         factor = VOLUME_UNITS_ML.get(m.unit)
         if m.name.lower() == "volume" and factor is not None:
-            found.setdefault(structure_name(m.group or "volume"), m.value * factor)
+            found.setdefault(group_structure(m.group, m.site), m.value * factor)
     return tuple(found.items())
 
 
 def sr_lesion_diameters_mm(measurements: Iterable[SRMeasurement]) -> list[float]:
-    """Long-axis / diameter measurements in mm (cm converted); one per measurement group."""
+    """Long-axis / diameter measurements in mm (cm converted); one per lesion (groups
+    sharing a tracking UID, e.g. a volumetric and a key-slice group, count once)."""
     best: dict[str, float] = {}
     for i, m in enumerate(measurements):
         low = m.name.lower()
@@ -277,7 +306,7 @@ def sr_lesion_diameters_mm(measurements: Iterable[SRMeasurement]) -> list[float]
         factor = {"mm": 1.0, "cm": 10.0}.get(m.unit)
         if factor is None:
             continue
-        key = m.group or f"#{i}"
+        key = m.uid or m.group or f"#{i}"
         best[key] = max(best.get(key, 0.0), m.value * factor)
     return list(best.values())
 
