@@ -23,7 +23,8 @@ const FLAGS = [
       await page.goto(plan.url);
       await page.fill('#token', attempt.token);
       await page.click('button[type=submit]');
-      await page.waitForFunction(() => document.getElementById('status').textContent !== '', null, { timeout: 15000 });
+      // (the page's CSP forbids eval, so wait with a selector, not waitForFunction)
+      await page.waitForSelector('#status:not(:empty)', { timeout: 15000 });
       const rows = await page.$$eval('#jobs tbody tr', (trs) =>
         trs.map((tr) => ({ state: tr.dataset.state, cells: [...tr.children].map((td) => td.textContent) })));
       const status = await page.textContent('#status');
