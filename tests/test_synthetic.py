@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -183,12 +184,19 @@ def test_truth_sub_sites_match_the_shared_anatomy_definitions() -> None:
         assert les.diameter_mm > 0
 
 
-def test_mr_case() -> None:
+def test_mr_case_and_hcc_dynamics_on_mr() -> None:
     case = generate_case(3, modality="MR")
     assert case.truth.modality == "MR"
     assert case.image.min() >= 0
     assert all(les.mean_hu is None for les in case.truth.lesions)
     assert "liver_mean_si" in case.truth.organ_qualities
+    diseases = (Disease.CIRRHOSIS, Disease.HCC)
+    art = generate_case(21, modality="MR", phase=ARTERIAL, diseases=diseases)
+    pv = generate_case(21, modality="MR", phase=PORTAL, diseases=diseases)
+    (hcc,) = [les for les in art.truth.lesions if les.disease is Disease.HCC]
+    mask = art.lesion_labels == hcc.number
+    assert _core_mean(art, mask) > _liver_parenchyma_mean(art) * 1.3
+    assert _core_mean(pv, mask) < _liver_parenchyma_mean(pv) * 0.9
 
 
 def test_same_anatomy_on_another_grid() -> None:
@@ -215,6 +223,10 @@ def test_written_case_loads_back_identically(tmp_path: Path) -> None:
     case = generate_case(9)
     paths = write_case(case, tmp_path / "case")
     vol = load_series(paths["dicom"])
+    verify = subprocess.run(
+        ["dciodvfy", str(next(paths["dicom"].iterdir()))], capture_output=True, text=True
+    )
+    assert "Error" not in verify.stdout + verify.stderr, verify.stderr
     np.testing.assert_allclose(vol.affine, case.affine, atol=1e-4)
     assert np.array_equal(vol.array, np.round(case.image))
     assert vol.headers["PatientSex"] == case.truth.sex
