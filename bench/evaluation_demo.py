@@ -59,11 +59,72 @@ from models.volume import Volume
 DEMO_THRESHOLDS = ("dice.liver>=0.85", "auroc.cirrhosis>=0.7", "lesion.sensitivity>=0.5")
 
 
+BUNDLE_OVERRIDE: list[Path] = []
+SHARED = ROOT.parent / "shared" / "data"
+MR_LABELS = {
+    1: "spleen",
+    2: "kidney_right",
+    3: "kidney_left",
+    4: "gallbladder",
+    5: "liver",
+    7: "pancreas",
+    25: "portal_vein_and_splenic_vein",
+}
+
+
+def real_data(bundle: Any, opt: Options) -> dict[str, Any]:
+    """The model on the shared real CT and MR against their TotalSegmentator labels
+    (model output themselves, not a radiologist's: see the data README)."""
+    from models.evaluation.adapters import masks_from_findings, volume_from_image
+    from models.evaluation.dataset import CaseMasks
+    from models.inference import analyse
+    from models.nifti import load_nifti_krc
+    from models.vocab import Organ
+
+    organs = {o.value for o in Organ}
+    out: dict[str, Any] = {}
+    for name, image, modality in (
+        ("ct_abdomen_3mm", SHARED / "ct_abdomen_3mm" / "ct.nii.gz", "CT"),
+        ("mr_abdomen_3mm", SHARED / "mr_abdomen_3mm" / "mr.nii.gz", "MR"),
+    ):
+        if not image.is_file():
+            continue
+        volume = volume_from_image(image, modality)
+        t = time.perf_counter()
+        findings = analyse(volume, bundle)
+        seconds = time.perf_counter() - t
+        refm = CaseMasks(volume.affine, volume.shape)
+        if modality == "CT":
+            for f in sorted((SHARED / name / "labels").glob("*.nii.gz")):
+                organ = f.name[: -len(".nii.gz")]
+                if organ in organs:
+                    arr, _ = load_nifti_krc(f)
+                    refm.structures[organ] = arr > 0
+        else:
+            lab, _ = load_nifti_krc(SHARED / name / "labels.nii.gz")
+            for value, organ in MR_LABELS.items():
+                refm.structures[organ] = lab == value
+        ref = EvaluationSet(
+            masks={name: refm}, source=f"../shared/data/{name} (TotalSegmentator labels)"
+        )
+        res = EvaluationSet(
+            masks={name: masks_from_findings(findings, volume.affine)}, source="shipped model"
+        )
+        seg = evaluate(ref, res, opt)["segmentation"]
+        out[name] = {
+            "modality": modality,
+            "inference_s": seconds,
+            "per_case": seg["per_case"],
+            "lesions_predicted": len(findings.lesions),
+        }
+    return out
+
+
 def _bundle() -> Any:
     try:
         from models.bundle import load_bundle
 
-        return load_bundle()
+        return load_bundle(BUNDLE_OVERRIDE[0]) if BUNDLE_OVERRIDE else load_bundle()
     except Exception as exc:  # no shipped weights yet, or an unusable bundle: said in the note
         print(f"segmentation bundle not usable: {exc}", file=sys.stderr)
         return None
@@ -77,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed0", type=int, default=7000)
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--bundle", type=Path, help="another bundle than the shipped one (testing)")
     args = ap.parse_args(argv)
+    if args.bundle:
+        BUNDLE_OVERRIDE.append(args.bundle)
     import torch
 
     torch.set_num_threads(2)
@@ -147,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(ref, res, opt)
         notes = ["all numbers are on SYNTHETIC cases (models.synthetic.generate_case)"]
         notes.append(
-            "segmentation: models.inference.analyse with the shipped bundle"
+            f"segmentation: models.inference.analyse with bundle {bundle.name} {bundle.version}"
             if bundle is not None
             else "segmentation NOT evaluated: the shipped segmentation weights were not in the repository when this ran"
         )
@@ -160,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         notes.append("report: models.report.with_diagnoses_and_report (grounded template draft)")
+        if bundle is not None:
+            result["real_data"] = real_data(bundle, opt)
+            notes.append(
+                "real_data: the model on ../shared/data's real CT and MR against their "
+                "TotalSegmentator labels (themselves model output, not a radiologist's)"
+            )
         result["note"] = "; ".join(notes)
         result["runtime_s"] = time.perf_counter() - t0
         check_thresholds(result, [Threshold.parse(t) for t in DEMO_THRESHOLDS])

@@ -412,6 +412,30 @@ def render_html(
                 ],
             )
         )
+    for name, sub in (result.get("real_data") or {}).items():
+        parts.append(
+            f"<h2>Real data: {html.escape(str(name))} ({html.escape(str(sub.get('modality')))})</h2>"
+        )
+        rows = [
+            [r["structure"], r["dice"], r["iou"], r["hd95_mm"], r["assd_mm"], r["centroid_error_mm"],
+             r["volume_ref_ml"], r["volume_pred_ml"]]
+            for r in sub.get("per_case", [])
+        ]  # fmt: skip
+        parts.append(
+            _table(
+                [
+                    "structure",
+                    "Dice",
+                    "IoU",
+                    "HD95 mm",
+                    "ASSD mm",
+                    "centroid err mm",
+                    "ref ml",
+                    "model ml",
+                ],
+                rows,
+            )
+        )
     rep = result.get("report", {}).get("summary")
     if rep:
         parts.append("<h2>Report</h2>")
