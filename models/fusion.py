@@ -132,13 +132,18 @@ def lesions_of(findings: Findings, organ: Organ, cls: str) -> list[LesionFinding
 def image_features(findings: Findings) -> FloatArray:
     """The image feature vector (order: :data:`IMAGE_FEATURES`) from measured findings.
 
-    Absent organs take population-typical defaults (so a missing spleen does
+    On MR (``findings.extra["modality"] == "MR"``) signal intensities are not
+    HU: every attenuation feature takes its neutral default, so sizes, counts,
+    shapes and the clinical data decide. Absent organs take population-typical
+    defaults (so a missing spleen does
     not look like splenomegaly); CT attenuation is assumed (HU), read with
     the contrast phase indicators.
     """
-    liver_hu = _mean(findings, Organ.LIVER, 105.0)
-    spleen_hu = _mean(findings, Organ.SPLEEN, 110.0)
-    panc_hu = _mean(findings, Organ.PANCREAS, 100.0)
+    ct = str(findings.extra.get("modality", "CT")).upper() == "CT"
+    # MR signal is not HU: attenuation features take their neutral CT defaults
+    liver_hu = _mean(findings, Organ.LIVER, 105.0) if ct else 105.0
+    spleen_hu = _mean(findings, Organ.SPLEEN, 110.0) if ct else 110.0
+    panc_hu = _mean(findings, Organ.PANCREAS, 100.0) if ct else 100.0
     organ_hu = {Organ.LIVER: liver_hu, Organ.PANCREAS: panc_hu, Organ.GALLBLADDER: 10.0}
     v: list[float] = [
         _vol(findings, Organ.LIVER, 1600.0) / 1000.0,
@@ -159,7 +164,7 @@ def image_features(findings: Findings) -> FloatArray:
             v += [0.0, 0.0, 0.0]
             continue
         largest = max(found, key=lambda les: les.long_axis.length_mm)
-        rel = (largest.mean_intensity or organ_hu[organ]) - organ_hu[organ]
+        rel = ((largest.mean_intensity or organ_hu[organ]) - organ_hu[organ]) if ct else 0.0
         v += [
             math.log1p(len(found)),
             math.log1p(largest.long_axis.length_mm),
@@ -168,11 +173,11 @@ def image_features(findings: Findings) -> FloatArray:
     hyper = [
         les
         for les in lesions_of(findings, Organ.LIVER, "solid")
-        if (les.mean_intensity or 0.0) > liver_hu + 10.0
+        if ct and (les.mean_intensity or 0.0) > liver_hu + 10.0
     ]
     v.append(math.log1p(len(hyper)))
     # contrast phase (portal venous / unknown is the baseline): attenuation offsets per phase
-    phase = findings.provenance.contrast_phase
+    phase = findings.provenance.contrast_phase if ct else ContrastPhase.UNKNOWN
     v += [
         float(phase == ContrastPhase.NON_CONTRAST),
         float(phase == ContrastPhase.ARTERIAL),

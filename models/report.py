@@ -58,7 +58,8 @@ CBD_DILATED_MM = 7.0
 PANCREATIC_DUCT_DILATED_MM = 3.5
 GB_WALL_THICK_MM = 3.5
 NODULAR = 0.5
-REL_HU = 10.0  # lesion vs organ: hypo below -10 HU, hyper above +10 HU
+REL_HU = 10.0  # CT lesion vs organ: hypo below -10 HU, hyper above +10 HU
+REL_MR = 0.10  # MR lesion vs organ signal: hypo below -10 %, hyper above +10 %
 
 DISEASE_WORDS: dict[Disease, str] = {
     Disease.HCC: "hepatocellular carcinoma",
@@ -147,30 +148,40 @@ def _fmt(x: float, decimals: int = 0) -> str:
     return f"{x:.{decimals}f}"
 
 
-def _attenuation(les: LesionFinding, organ: OrganFinding | None) -> str:
+def is_ct(findings: Findings) -> bool:
+    """CT unless ``findings.extra["modality"]`` says otherwise (MR: signal, not HU)."""
+    return str(findings.extra.get("modality", "CT")).upper() == "CT"
+
+
+def _attenuation(les: LesionFinding, organ: OrganFinding | None, ct: bool = True) -> str:
     if les.mean_intensity is None or organ is None or organ.mean_intensity is None:
         return ""
-    rel = les.mean_intensity - organ.mean_intensity
-    return (
-        "hypoattenuating"
-        if rel < -REL_HU
-        else "hyperattenuating"
-        if rel > REL_HU
-        else "isoattenuating"
-    )
+    if ct:
+        rel = les.mean_intensity - organ.mean_intensity
+        low, high = rel < -REL_HU, rel > REL_HU
+        return "hypoattenuating" if low else "hyperattenuating" if high else "isoattenuating"
+    ratio = les.mean_intensity / organ.mean_intensity if organ.mean_intensity else 1.0
+    low, high = ratio < 1.0 - REL_MR, ratio > 1.0 + REL_MR
+    return "hypointense" if low else "hyperintense" if high else "isointense"
+
+
+def _intensity_words(findings: Findings) -> tuple[str, str]:
+    """("mean attenuation", " HU") on CT, ("mean signal", "") on MR."""
+    return ("mean attenuation", " HU") if is_ct(findings) else ("mean signal", "")
 
 
 def _lesion_sentence(les: LesionFinding, findings: Findings) -> ReportSentence:
     host = findings.organ(les.organ)
-    att = _attenuation(les, host) if les.kind != LesionKind.CALCULUS else ""
+    att = _attenuation(les, host, is_ct(findings)) if les.kind != LesionKind.CALCULUS else ""
+    what, unit = _intensity_words(findings)
     words = f"{att} {les.kind.value}".strip()
     size = f"{_fmt(les.long_axis.length_mm)} x {_fmt(les.short_axis.length_mm)} mm"
     text = f"Lesion {les.number}: {size} {words} in {site_text(les.organ, les.sub_site)}"
     ids = [les.id]
     if les.mean_intensity is not None:
-        text += f", mean attenuation {_fmt(les.mean_intensity)} HU"
+        text += f", {what} {_fmt(les.mean_intensity)}{unit}"
         if att and host is not None and host.mean_intensity is not None:
-            text += f" (parenchyma {_fmt(host.mean_intensity)} HU)"
+            text += f" (parenchyma {_fmt(host.mean_intensity)}{unit})"
             ids.append(host.id)
     return ReportSentence("findings", text + ".", tuple(ids))
 
@@ -197,6 +208,7 @@ def _lab_text(v: ClinicalValue) -> str | None:
 def _organ_sentences(findings: Findings) -> list[ReportSentence]:
     out: list[ReportSentence] = []
     S = ReportSentence
+    what, unit = _intensity_words(findings)
     liver, spleen = findings.organ(Organ.LIVER), findings.organ(Organ.SPLEEN)
     lesions = sorted(findings.lesions, key=lambda x: x.number)
 
@@ -206,10 +218,11 @@ def _organ_sentences(findings: Findings) -> list[ReportSentence]:
     if liver is not None:
         text = f"Liver: volume {_fmt(liver.volume_ml)} ml"
         if liver.mean_intensity is not None:
-            text += f", mean attenuation {_fmt(liver.mean_intensity)} HU"
+            text += f", {what} {_fmt(liver.mean_intensity)}{unit}"
         out.append(S("findings", text + ".", (liver.id,)))
         if (
             spleen is not None
+            and is_ct(findings)
             and findings.provenance.contrast_phase
             not in (ContrastPhase.ARTERIAL, ContrastPhase.DELAYED)
             and liver.mean_intensity is not None
@@ -259,7 +272,7 @@ def _organ_sentences(findings: Findings) -> list[ReportSentence]:
     if panc is not None:
         text = f"Pancreas: volume {_fmt(panc.volume_ml)} ml"
         if panc.mean_intensity is not None:
-            text += f", mean attenuation {_fmt(panc.mean_intensity)} HU"
+            text += f", {what} {_fmt(panc.mean_intensity)}{unit}"
         out.append(S("findings", text + ".", (panc.id,)))
         d = panc.qualities.get("duct_diameter_mm")
         if d is not None:
@@ -366,7 +379,14 @@ _KIND_WORDS: dict[LesionKind, re.Pattern[str]] = {
     LesionKind.MASS: re.compile(r"\bmass(es)?\b"),
     LesionKind.NODULE: re.compile(r"\bnodules?\b"),
 }
-_ATT_WORDS = ("hypoattenuating", "hyperattenuating", "isoattenuating")
+_ATT_WORDS = (
+    "hypoattenuating",
+    "hyperattenuating",
+    "isoattenuating",
+    "hypointense",
+    "hyperintense",
+    "isointense",
+)
 _ADVICE = re.compile(r"\b(recommend\w*|suggest\w*|advis\w*|follow-up)\b", re.I)
 _NEGATION = re.compile(r"\b(no|not|without|negative for|no evidence of|absence of)\b")
 
@@ -484,7 +504,9 @@ def check_sentence(s: ReportSentence, findings: Findings) -> list[str]:
                 problems.append(
                     f"calls a lesion a {kind.value} but it was measured as {'/'.join(sorted(k.value for k in kinds))}: {text!r}"
                 )
-        atts = {_attenuation(les, findings.organ(les.organ)) for les in cited_lesions}
+        atts = {
+            _attenuation(les, findings.organ(les.organ), is_ct(findings)) for les in cited_lesions
+        }
         for word in _ATT_WORDS:
             if word in low and word not in atts and "relative to the spleen" not in low:
                 problems.append(f"says {word} but the measurements do not: {text!r}")
@@ -673,12 +695,15 @@ def with_diagnoses_and_report(
     model: Any = None,
     llm_url: str | None = None,
     llm_model: str = "local",
+    modality: str | None = None,
 ) -> Findings:
     """``findings`` with fusion diagnoses, clinical provenance and a checked report.
 
     ``model`` is a :class:`models.fusion.FusionModel` (default: the shipped
     weights). With ``llm_url`` the template sentences are offered to that
-    endpoint for rephrasing (each must pass the same check).
+    endpoint for rephrasing (each must pass the same check). ``modality`` ("CT",
+    "MR"; default ``findings.extra["modality"]`` or CT) chooses HU or signal
+    wording and whether attenuation features are used; it is kept in ``extra``.
     """
     from models.fusion import DEFAULT_WEIGHTS
 
@@ -692,7 +717,14 @@ def with_diagnoses_and_report(
         )
     )
     prov = replace(findings.provenance, clinical_used=used, clinical_missing=missing)
-    staged = replace(findings, diagnoses=(), report=(), provenance=prov)
+    extra = dict(findings.extra)
+    if modality is not None:
+        extra["modality"] = modality.upper()
+    if not is_ct(replace(findings, extra=extra)):
+        notes.append(
+            "MR: signal intensities are not used by the fusion classifier (trained on CT HU)"
+        )
+    staged = replace(findings, diagnoses=(), report=(), provenance=prov, extra=extra)
     probs = fusion.predict(staged, clinical)
     diagnoses = tuple(
         Diagnosis(d, round(float(p), 3), fusion.evidence(staged, clinical, d))

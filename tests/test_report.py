@@ -298,3 +298,30 @@ def test_report_on_real_ct_measurements(shared_data: Any) -> None:
     assert liver.volume_ml == pytest.approx(1120, rel=0.05)  # 41,602 voxels x 27 mm3
     assert f"Liver: volume {liver.volume_ml:.0f} ml" in out.report_text("findings")
     assert "No focal liver lesion is detected." in out.report_text("findings")
+
+
+def test_mr_findings_get_signal_wording_and_no_hu() -> None:
+    from dataclasses import replace
+
+    from models.fusion import image_features
+
+    f = base_findings()
+    mr = with_diagnoses_and_report(f, context_from_labs({"AFP": 412.0}), modality="MR")
+    text = " ".join(s.text for s in mr.report)
+    assert "HU" not in text and "mean signal 74" in text and "hypointense" in text
+    assert mr.extra["modality"] == "MR" and check_report(mr) == []
+    assert any(n.startswith("MR:") for n in mr.provenance.notes)
+    # attenuation features are neutral on MR: the signal scale does not move them
+    bright = replace(
+        f,
+        organs=tuple(replace(o, mean_intensity=(o.mean_intensity or 0) * 5) for o in f.organs),
+        extra={"modality": "MR"},
+    )
+    assert np.allclose(image_features(bright), image_features(replace(f, extra={"modality": "MR"})))
+    # ... while on CT they are used
+    assert not np.allclose(image_features(replace(bright, extra={})), image_features(f))
+    # an MR sentence that says HU-type words is rejected
+    bad = ReportSentence(
+        "findings", "Lesion 1: 36 x 28 mm hypoattenuating mass.", ("lesion:1", "organ:liver")
+    )
+    assert check_sentence(bad, mr)
