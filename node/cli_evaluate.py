@@ -213,46 +213,57 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _fetch(args: argparse.Namespace, dest: Path, *, images: bool) -> None:
+    """Fetch each ``--study`` from the PACS (DICOMweb or C-GET) into ``dest``."""
+    if not args.study:
+        raise ConfigError("fetching from the PACS needs at least one --study CASE=STUDYUID")
+    studies = {}
+    for item in args.study:
+        case, sep, uid = item.partition("=")
+        if not sep or not case or not uid:
+            raise ConfigError(f"--study {item!r} is not CASE=STUDYUID")
+        studies[case] = uid
+    try:
+        if args.pacs_dimse:
+            peer = DimsePeer.parse(args.pacs_dimse)
+            cget_results(peer, studies, dest, calling_aet=args.calling_aet, images=images)
+        else:
+            auth = tuple(args.pacs_user.split(":", 1)) if args.pacs_user else None
+            with DicomWebClient(args.pacs_url, auth=auth) as client:  # type: ignore[arg-type]
+                fetch_results(client, studies, dest, images=images)
+    except PacsFetchError as exc:
+        raise PipelineError(f"fetching from the PACS failed: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         thresholds = [Threshold.parse(t) for t in args.threshold]
     except ThresholdError as exc:
         raise ConfigError(str(exc)) from exc
-    sources = sum(bool(x) for x in (args.results, args.pacs_url, args.pacs_dimse, args.run_model))
-    if sources != 1:
+    from_pacs = bool(args.pacs_url or args.pacs_dimse)
+    if args.pacs_url and args.pacs_dimse:
+        raise ConfigError("give --pacs-url or --pacs-dimse, not both")
+    if sum((bool(args.results), from_pacs and not args.run_model, bool(args.run_model))) != 1:
         raise ConfigError(
-            "give exactly one of --results, --pacs-url or --pacs-dimse (with --study), or --run-model"
+            "give exactly one of --results, --pacs-url/--pacs-dimse (with --study), or --run-model "
+            "(which may take its studies from the PACS with --pacs-url/--pacs-dimse)"
         )
     readers = _readers()
     try:
         reference = load_set(args.reference, reference=True, **readers)
-        if args.pacs_url or args.pacs_dimse:
-            if not args.study:
-                raise ConfigError("fetching from the PACS needs at least one --study CASE=STUDYUID")
-            studies = {}
-            for item in args.study:
-                case, sep, uid = item.partition("=")
-                if not sep or not case or not uid:
-                    raise ConfigError(f"--study {item!r} is not CASE=STUDYUID")
-                studies[case] = uid
-            fetched = args.out / "fetched"
-            try:
-                if args.pacs_dimse:
-                    cget_results(
-                        DimsePeer.parse(args.pacs_dimse),
-                        studies,
-                        fetched,
-                        calling_aet=args.calling_aet,
-                    )
-                else:
-                    auth = tuple(args.pacs_user.split(":", 1)) if args.pacs_user else None
-                    with DicomWebClient(args.pacs_url, auth=auth) as client:  # type: ignore[arg-type]
-                        fetch_results(client, studies, fetched)
-            except PacsFetchError as exc:
-                raise PipelineError(f"fetching results from the PACS failed: {exc}") from exc
-            results = load_set(fetched, reference=False, **readers)
-        elif args.run_model:
+        fetched = args.out / "fetched"
+        if from_pacs:
+            _fetch(args, fetched, images=True)
+        if args.run_model:
+            if from_pacs:  # the studies as the PACS holds them
+                images = fetched / "images"
+                for case in (
+                    sorted(p for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+                ):
+                    reference.images[case.name] = case
             results = run_model(reference, args.bundle, args.modality)
+        elif from_pacs:
+            results = load_set(fetched, reference=False, **readers)
         else:
             results = load_set(args.results, reference=False, **readers)
     except DatasetError as exc:

@@ -80,3 +80,31 @@ def test_seg_and_sr_fetched_from_orthanc(shared_data: Path, tmp_path: Path, tran
     assert row["volume_pred_ml"] == pytest.approx(
         vol["mask_ml"], rel=1e-6
     )  # NIfTI affine is float32
+
+
+def test_run_model_on_studies_fetched_from_orthanc(tmp_path: Path) -> None:
+    """``--run-model`` with ``--pacs-url``: the studies come from the PACS (WADO-RS), the
+    reference from a ``hpb-node synth`` dataset (tiny random-weight bundle)."""
+    from tests.test_bundle import make_tiny_bundle
+
+    dataset = tmp_path / "synth"
+    assert main(["synth", "--out", str(dataset), "-n", "1", "--seed", "21", "--shape", "20", "32", "32",
+                 "--spacing", "5", "4", "4"]) == 0  # fmt: skip
+    row = json.loads((dataset / "manifest.jsonl").read_text().splitlines()[0])
+    files = sorted((dataset / row["dicom"]).iterdir())
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    meta = bundle / "configs" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"min_lesion_ml": 0.1', '"min_lesion_ml": 20.0'))
+    out = tmp_path / "out"
+    with run_orthanc(tmp_path / "orthanc") as pacs:
+        for f in files:
+            pacs.upload(f)
+        code = main(["evaluate", "--reference", str(dataset), "--run-model", "--bundle", str(bundle),
+                     "--pacs-url", pacs.dicomweb, "--study", f"{row['case_id']}={study_uid}",
+                     "--out", str(out), "--bootstrap", "20"])  # fmt: skip
+    assert code == 0
+    assert len(list((out / "fetched" / "images" / row["case_id"]).glob("*.dcm"))) == len(files)
+    data = json.loads((out / "evaluation.json").read_text())
+    assert data["results"].startswith("model run now")
+    assert {r["case_id"] for r in data["segmentation"]["per_case"]} == {row["case_id"]}
