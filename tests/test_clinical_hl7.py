@@ -100,6 +100,17 @@ def test_unusable_messages_are_refused_with_a_reason_and_nothing_is_stored(
     assert logged.ack_code == code and reason.split()[0] in logged.reason
 
 
+def test_structured_numeric_and_coded_values(
+    server: MllpServer, sessions: sessionmaker[Session]
+) -> None:
+    ack = send(server, message("oru_r01_sn_cwe.hl7"))
+    assert str(ack.segment("MSA")[1]) == "AA"
+    assert "1 skipped" in str(ack.segment("MSA")[3])  # CA 19-9 "<2": no exact value
+    with sessions() as s:
+        rows = {r.name: r.value for r in s.execute(select(ClinicalObservation)).scalars()}
+    assert rows == {"AFP": 12.5, "ANTI_HCV": 0.0}
+
+
 def test_garbage_is_rejected(server: MllpServer) -> None:
     ack = send(server, "this is not HL7 at all")
     assert str(ack.segment("MSA")[1]) == "AR"

@@ -19,7 +19,8 @@ message (control ID, type, acknowledgement, reason; no patient data) is logged
 in ``hl7_messages``. Times without a UTC offset are read in ``timezone``.
 
 Only results with status F (final) or C (corrected) are stored; others
-(P preliminary, X, D, ...) are counted and skipped. Result codes must be LOINC
+(P preliminary, X, D, ...) are counted and skipped, as are structured numeric
+(SN) results with a comparator ("<5": no exact value). Result codes must be LOINC
 (``LN`` coding system, or a LOINC-shaped code); results outside the lab panel
 are skipped.
 """
@@ -179,8 +180,21 @@ def parse_oru(text: str, tz: ZoneInfo | None = None) -> OruMessage:
                     raise Hl7Refusal(
                         ERROR, f"{where}: OBX-5 value {raw!r} is not a number (OBX-2 is NM)"
                     ) from None
+            elif vtype == "SN":  # structured numeric: comparator^number
+                comparator, number = seg.get(5, 1, enc=enc), seg.get(5, 2, enc=enc)
+                if comparator not in ("", "="):
+                    out.skipped += 1  # "<5", ">1000": no exact value to use
+                    continue
+                try:
+                    value = float(number)
+                except ValueError:
+                    raise Hl7Refusal(
+                        ERROR, f"{where}: OBX-5 structured numeric {raw!r} has no number"
+                    ) from None
+            elif vtype in ("CWE", "CE"):
+                value = seg.get(5, 2, enc=enc) or seg.get(5, 1, enc=enc)
             else:
-                value = seg.get(5, 2, enc=enc) or seg.get(5, 1, enc=enc) if vtype == "CWE" else raw
+                value = raw
             ts = seg.get(14, enc=enc) or (obr.get(7, enc=enc) if obr else "")
             when = parse_ts(ts, zone) if ts else None
             if when is None:
