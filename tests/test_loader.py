@@ -328,3 +328,31 @@ def test_enhanced_multiframe_mr(shared_data: Path, tmp_path: Path) -> None:
     vol = load_series(tmp_path / "mf")
     assert vol.modality == "MR" and len(vol.frame_numbers) == a.shape[0]
     assert_same(vol.array, vol.affine, a, aff)
+
+
+def test_multiframe_per_frame_rescale(tmp_path: Path) -> None:
+    """A per-frame Pixel Value Transformation overrides the shared one, frame by frame."""
+    a = np.random.default_rng(0).integers(-500, 500, (4, 8, 8)).astype(np.float32) * 2
+    aff = np.array([[0, 0, 2.0, 0], [0, 2.0, 0, 0], [5.0, 0, 0, 0], [0, 0, 0, 1]])
+    paths = write_series(a, aff, tmp_path / "single")
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=generate_uid(),
+        series_number=1,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    stored = np.zeros((4, 8, 8), dtype=np.int16)
+    for i, group in enumerate(mf.PerFrameFunctionalGroupsSequence):
+        k = round(float(group.PlanePositionSequence[0].ImagePositionPatient[2]) / 5.0)
+        item = pydicom.Dataset()
+        item.RescaleSlope = 2
+        item.RescaleIntercept = -1000 + 10 * i
+        item.RescaleType = "HU"
+        group.PixelValueTransformationSequence = [item]
+        stored[i] = (a[k] + 1000 - 10 * i) / 2  # exact: a and the intercepts are even
+    mf.PixelData = stored.tobytes()
+    (tmp_path / "mf").mkdir()
+    mf.save_as(tmp_path / "mf" / "mf.dcm")
+    vol = load_series(tmp_path / "mf")
+    assert_same(vol.array, vol.affine, a, aff)
