@@ -105,14 +105,14 @@ def generate_case(
     rot = rotation(arng.uniform(-3, 3), arng.uniform(-3, 3), arng.uniform(-7, 7))
     shift = np.asarray(centre) + np.array([0.0, 0.0, 40.0]) + arng.uniform(-10, 10, 3)
     frng = rs["fields"]
-    disp = grid.lattice_field(frng, 60.0, 3)
+    disp = grid.lattice_field(frng, 60.0, 3, centre=shift)
     disp_t = (
         np.clip(5.0 * disp[0], -MAX_DISPLACEMENT_MM, MAX_DISPLACEMENT_MM),
         np.clip(5.0 * disp[1], -MAX_DISPLACEMENT_MM, MAX_DISPLACEMENT_MM),
         np.clip(5.0 * disp[2], -MAX_DISPLACEMENT_MM, MAX_DISPLACEMENT_MM),
     )
     deform = Deformation(grid, rot @ scale, shift, disp_t, MAX_DISPLACEMENT_MM)
-    texture, nodular = grid.lattice_field(frng, 9.0, 2)
+    texture, nodular = grid.lattice_field(frng, 9.0, 2, centre=shift)
     canvas = Canvas(grid, deform, modality, phase, texture)
     info = build_anatomy(canvas, arng, state, sex=sex, nodular=nodular)
 
@@ -188,7 +188,8 @@ def _acquire(
     if modality == "CT":
         out = img + noise_sigma * noise()
         return np.round(np.clip(out, -1024, 3071)).astype(np.float32)
-    (shade,) = grid.lattice_field(frng, 120.0, 1)
+    mid = grid.affine @ np.array([*((np.asarray(grid.shape) - 1) / 2.0), 1.0])
+    (shade,) = grid.lattice_field(frng, 120.0, 1, centre=mid[:3])
     img = img * (1.0 + 0.12 * shade)
     out = np.sqrt((img + noise_sigma * noise()) ** 2 + (noise_sigma * noise()) ** 2)
     return np.round(np.clip(out, 0, 4095)).astype(np.float32)

@@ -117,14 +117,26 @@ class Grid:
             out.append(slice(max(i0, 0), max(min(i1, len(axis)), 0)))
         return (out[0], out[1], out[2])
 
-    def lattice_field(self, rng: np.random.Generator, node_mm: float, n: int = 1) -> list[F32]:
-        """``n`` smooth random fields (unit std at nodes) on a physical lattice of ``node_mm``."""
+    def lattice_field(
+        self,
+        rng: np.random.Generator,
+        node_mm: float,
+        n: int = 1,
+        *,
+        centre: npt.ArrayLike = (0.0, 0.0, 0.0),
+    ) -> list[F32]:
+        """``n`` smooth random fields (unit std at nodes) on a lattice of ``node_mm``.
+
+        The lattice spans ±``FIELD_EXTENT_MM`` around ``centre`` (LPS mm; the
+        patient's anatomical origin), so fields move with the patient, not the table.
+        """
+        cx, cy, cz = (float(v) for v in np.asarray(centre, dtype=np.float64))
         count = int(np.ceil(2 * FIELD_EXTENT_MM / node_mm)) + 1
         lattice = np.asarray(-FIELD_EXTENT_MM + node_mm * np.arange(count), dtype=np.float64)
         z, y, x = self.axes_mm
-        wz = _interp_matrix(z, lattice + (-40.0))
-        wy = _interp_matrix(y, lattice)
-        wx = _interp_matrix(x, lattice)
+        wz = _interp_matrix(z, lattice + cz)
+        wy = _interp_matrix(y, lattice + cy)
+        wx = _interp_matrix(x, lattice + cx)
         fields = []
         for _ in range(n):
             coarse = rng.standard_normal((count, count, count))
