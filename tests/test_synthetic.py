@@ -161,8 +161,10 @@ def test_head_pdac_dilates_the_pancreatic_and_common_bile_duct() -> None:
     assert [les.sub_site for les in case.truth.lesions] == [SubSite.PANCREAS_HEAD]
     assert case.truth.organ_qualities["pancreatic_duct_mm"] >= 5.0
     assert case.truth.organ_qualities["cbd_mm"] >= 10.0
+    assert case.truth.organ_qualities["intrahepatic_duct_dilatation"] == 1.0
     normal = generate_case(30, diseases=())
     assert normal.truth.organ_qualities["pancreatic_duct_mm"] < 3.0
+    assert _volume_ml(case, L.BILE_DUCT) > 2 * _volume_ml(normal, L.BILE_DUCT)
 
 
 def test_truth_sub_sites_match_the_shared_anatomy_definitions() -> None:

@@ -429,6 +429,13 @@ def build_anatomy(
     cbd_r_arr[-3:] = 1.5
     b2, _x, _y, _z, sdf2 = _tube(canvas, cbd, cbd_r_arr)
     canvas.paint(b2, sdf2, "bile", L.BILE_DUCT)
+    intrahepatic = cbd_r > 4.0
+    if intrahepatic:  # obstruction: dilated ducts beside the portal branches, inside the liver
+        for branch in (right_pv, left_pv):
+            ducts = branch + np.array([0.0, -7.0, 3.0])
+            b3, _x, _y, _z, sdf3 = _tube(canvas, ducts, np.linspace(3.0, 1.5, len(ducts)))
+            inside = liver_bound_sdf(canvas, b3, box, liver)
+            canvas.paint(b3, np.maximum(sdf3, inside + 1.0), "bile", L.BILE_DUCT)
 
     # gallbladder in its fossa: wall then bile
     gc = np.array([-42.0, -42.0, -22.0]) + lj + _jit(rng, 5.0)
@@ -444,7 +451,11 @@ def build_anatomy(
         pancreas_radii=radii,
         gallbladder_centre_q=(float(gc[0]), float(gc[1]), float(gc[2])),
         portal_level_q=float(hilum[2]),
-        qualities={"pancreatic_duct_mm": duct_mm, "cbd_mm": 2 * cbd_r},
+        qualities={
+            "pancreatic_duct_mm": duct_mm,
+            "cbd_mm": 2 * cbd_r,
+            "intrahepatic_duct_dilatation": 1.0 if intrahepatic else 0.0,
+        },
     )
 
 
