@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.cli_pull",
     "node.cli_serve",
     "node.cli_rules",
+    "node.demo",
 )
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PRODUCT_PIPELINE = "hpb-ct-mr"
 PRODUCT_VERSION = "1.0"
+MAX_SUMMARY_LESIONS = 50  # the job summary lists at most this many lesions
 
 
 @dataclass
@@ -121,10 +122,11 @@ def _summary(findings: Any) -> dict[str, Any]:
                 "long_axis_mm": round(float(les.long_axis.length_mm), 1),
                 "key_slice": int(les.key_slice),
             }
-            for les in findings.lesions
+            for les in findings.lesions[:MAX_SUMMARY_LESIONS]
         ],
+        "lesion_count": len(findings.lesions),
         "organs": {str(o.organ.value): round(float(o.volume_ml), 1) for o in findings.organs},
-        "report": [str(s.text) for s in findings.report],
+        "report": [str(s.text) for s in findings.report][:200],
     }
 
 

@@ -230,7 +230,9 @@ def make_scheduler(jobs: list[tuple[str, Any, float]]) -> Any:
             "interval",
             seconds=interval,
             id=name,
+            name=name,
             max_instances=1,
+            misfire_grace_time=None,
             coalesce=True,
             next_run_time=utcnow(),
         )
