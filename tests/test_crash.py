@@ -199,3 +199,23 @@ def test_serve_killed_mid_receive_loses_no_acknowledged_instance(
     assert copies_in_pacs(pacs, series_uid) == 1
     assert pacs.instance_count() == 1
     assert serve2.terminate() == 0
+
+
+def test_sigterm_returns_the_running_job_without_burning_an_attempt(
+    tmp_path: Path, shared_data: Path, pacs: OrthancProcess, procs: list[NodeProcess]
+) -> None:
+    files, _ = ct_series(shared_data, tmp_path / "ct", "sigterm")
+    config = write_config(tmp_path / "node", rules=rules(pacs), lease_s=30.0)
+    sessions = sessions_for(config)
+    serve = NodeProcess(
+        config, "serve", workers=1, env={"HPB_TEST_PIPELINE_SLEEP": "120"}, name="serve"
+    )
+    procs.append(serve.start())
+    assert storescu(serve.dicom_port, files).returncode == 0
+    wait_for(
+        lambda: any(j.state == JobState.RUNNING for j in all_jobs(sessions)), 60, "the job running"
+    )
+    assert serve.terminate(timeout=60) == 0
+    (job,) = all_jobs(sessions)
+    assert (job.state, job.attempts, job.lease_owner) == (JobState.QUEUED, 0, None)
+    assert "stopped" in serve.log_tail() and "returned to the queue" in serve.log_tail()
