@@ -160,3 +160,30 @@ def test_unreachable_peer_ends_failed_with_the_reason(
         )
         assert job.state == JobState.FAILED
         assert job.last_error.startswith(f"delivery of {len(written)} object(s) to peer failed")
+
+
+def test_the_demo_archive_accepts_every_output_kind(
+    tmp_path: Path, setup: tuple[Settings, sessionmaker[Session], list[tuple[str, str, str]]]
+) -> None:
+    from node.demo import start_folder_archive
+
+    settings, sessions, written = setup
+    archive = start_folder_archive(tmp_path / "archive")
+    try:
+        with sessions.begin() as s:
+            s.add(
+                Destination(
+                    name="peer",
+                    kind="dimse",
+                    ae_title=archive.ae_title,
+                    host="127.0.0.1",
+                    port=archive.port,
+                )
+            )
+        report = send_due(sessions, settings)
+    finally:
+        archive.stop()
+    assert len(report.sent) == len(written)
+    with sessions() as s:
+        uids = [i.sop_instance_uid for i in s.query(OutboxItem)]
+    assert all(archive.holds(uid) for uid in uids)
