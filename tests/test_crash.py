@@ -158,14 +158,14 @@ def test_serve_killed_mid_receive_loses_no_acknowledged_instance(
             "-R",
             "127.0.0.1",
             str(serve.dicom_port),
-            *map(str, files),
+            *map(str, files * 4),  # re-sent copies are answered Success: a longer transfer
         ],
         env=dcmtk_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    wait_for(lambda: stored() >= 6, 60, "some instances received", interval=0.02)
+    wait_for(lambda: stored() >= 4, 60, "some instances received", interval=0.02)
     serve.kill()
     out, _ = sender.communicate(timeout=60)
     # which files storescu saw acknowledged before the crash
@@ -176,7 +176,7 @@ def test_serve_killed_mid_receive_loses_no_acknowledged_instance(
             current = m.group(1)
         elif "Received Store Response (Success)" in line and current:
             acked.append(current)
-    assert 0 < len(acked) < len(files), out[-2000:]
+    assert 0 < len(acked) < 4 * len(files), out[-2000:]
     acked_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in acked}
     serve2 = NodeProcess(config, "serve", name="serve2")
     procs.append(serve2.start())
