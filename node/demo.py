@@ -335,6 +335,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from node.worker import results_root
 
     t0 = time.monotonic()
+    if args.pipeline_module:
+        from node.serve import import_pipeline_modules
+
+        import_pipeline_modules(list(args.pipeline_module))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hpb-demo-"))
     if workdir.exists() and args.workdir and args.fresh:
         shutil.rmtree(workdir)
@@ -374,7 +378,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 {
                     "name": "hpb-ct-mr",
                     "match": {"modality": ["CT", "MR", "US"]},
-                    "pipeline": "hpb-ct-mr",
+                    "pipeline": args.pipeline,
                     "destinations": ["archive"],
                 }
             ],
@@ -486,6 +490,15 @@ def register(subparsers: Any) -> None:
         help="use the pynetdicom archive even if Orthanc is installed",
     )
     p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the result")
+    p.add_argument(
+        "--pipeline", default="hpb-ct-mr", help="pipeline to run (default: the product pipeline)"
+    )
+    p.add_argument(
+        "--pipeline-module",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE first (it registers extra pipelines)",
+    )
     p.set_defaults(func=_demo)
 
 
