@@ -129,7 +129,9 @@ class OrthancProcess:
         deadline = time.monotonic() + ready_timeout
         while True:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self._proc.returncode}: {self.log_tail()}")
+                raise RuntimeError(
+                    f"Orthanc exited with {self._proc.returncode}: {self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
                     return
@@ -193,7 +195,9 @@ class OrthancProcess:
 
     def store_to_modality(self, modality: str, resources: list[str]) -> Any:
         """Orthanc's modality store (C-STORE from Orthanc to the peer)."""
-        return self.post(f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True})
+        return self.post(
+            f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True}
+        )
 
     def find_instances(self, **query: str) -> list[dict[str, Any]]:
         """Instances matching DICOM tags (e.g. SOPInstanceUID=..., Modality=SEG), expanded."""
