@@ -132,6 +132,9 @@ def test_storescu_to_node_to_orthanc(
 ) -> None:
     files, series_uid = series_a
     node = start_node(node_settings(tmp_path, pacs, ["pacs"]), running)
+    health = httpx.get(f"http://127.0.0.1:{node.http_port}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert httpx.get(f"http://127.0.0.1:{node.http_port}/api/health", timeout=10).status_code == 200
     done = storescu(node.dicom_port, files)
     assert done.returncode == 0, done.stderr
     assert node.sessions is not None
