@@ -269,6 +269,8 @@ def follow(sessions: Any, timeout: float) -> Any:
                     lines.append("      routing: " + series.routing_note.splitlines()[0])
             if job is not None:
                 lines.append(f"      job {job.id}: {job.state.value} (attempt {job.attempts})")
+                if job.state.value == "running" and job.outcome.startswith("running: "):
+                    lines.append(f"      job {job.id}: {job.outcome.removeprefix('running: ')}")
             for it in items:
                 lines.append(f"      {it.kind} -> {it.destination}: {it.state.value}")
             for line in lines:

@@ -224,6 +224,8 @@ def fail(
     now = utcnow()
     with sessions.begin() as session:
         job = owned_job(session, claim)
+        if job.outcome.startswith("running: "):
+            job.outcome = ""  # the progress note of the attempt that failed
         job.last_error = error[:4000]
         job.lease_owner = None
         job.lease_expires_at = None
@@ -262,6 +264,8 @@ def release(sessions: sessionmaker[Session], claim: Claim) -> bool:
         if job is None:
             return False
         job.state = JobState.QUEUED
+        if job.outcome.startswith("running: "):
+            job.outcome = ""
         job.attempts = max(job.attempts - 1, 0)
         job.lease_owner = None
         job.lease_expires_at = None

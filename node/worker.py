@@ -159,7 +159,7 @@ def run_one(
                 study=study,
                 clinical_loader=_clinical_loader(sessions, settings, study),
                 heartbeat=beat,
-                progress=lambda msg: log.info("job %d: %s", claim.job_id, msg),
+                progress=lambda msg: _progress(sessions, claim, msg),
             )
             log.info(
                 "job %d: %s on %d instance(s), attempt %d",
@@ -226,6 +226,20 @@ def run_one(
         return "succeeded"
     finally:
         done.set()
+
+
+def _progress(sessions: sessionmaker[Session], claim: queue.Claim, message: str) -> None:
+    """Log a pipeline stage and show it in the running job's outcome (admins, demo)."""
+    log.info("job %d: %s", claim.job_id, message)
+    try:
+        with sessions.begin() as session:
+            job = session.scalars(
+                select(Job).where(Job.id == claim.job_id, Job.lease_owner == claim.owner)
+            ).first()
+            if job is not None:
+                job.outcome = f"running: {message}"[:200]
+    except Exception as exc:  # progress is informative only
+        log.debug("job %d: progress not recorded: %s", claim.job_id, exc)
 
 
 def _upsert_outbox(
