@@ -33,6 +33,7 @@ declared ``order_by`` (attribute and direction) wins. Nothing is evaluated.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -579,11 +580,23 @@ def rules_from_rows(rows: Iterable[Any]) -> list[Rule]:
     return sorted(rules, key=lambda r: (r.priority, r.name))
 
 
+_PARSED: dict[str, Rule] = {}
+
+
 def rule_from_row(row: Any) -> Rule:
+    """A validated rule from a RuleRow (or dict); parsed once per distinct definition,
+    so its regexes are compiled once, not at every sweep."""
     get = row.get if isinstance(row, Mapping) else lambda k: getattr(row, k)
     body = {"name": get("name"), "priority": get("priority"), "enabled": get("enabled")}
     body.update(get("definition") or {})
-    return parse_rule(body)
+    key = json.dumps(body, sort_keys=True, default=str)
+    rule = _PARSED.get(key)
+    if rule is None:
+        rule = parse_rule(body)
+        if len(_PARSED) > 1000:
+            _PARSED.clear()
+        _PARSED[key] = rule
+    return rule
 
 
 # --------------------------------------------------------------------------- explanation
