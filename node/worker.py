@@ -24,7 +24,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,6 +53,12 @@ class _Abandon(Exception):
 
 
 def dataset_bytes(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file; a data set without a transfer syntax gets Explicit VR LE."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        meta = meta if meta is not None else FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
