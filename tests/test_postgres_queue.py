@@ -88,3 +88,40 @@ def test_two_worker_processes_share_twenty_jobs(tmp_path: Path, pg_url: str) -> 
     assert len(per_job) == 20 and set(per_job.values()) == {1}  # none lost, none twice
     pids = {pid for _, pid in runs}
     assert pids == {str(w.pid) for w in workers}  # both processes took work
+
+
+@pytest.mark.orthanc
+def test_serve_on_postgresql_end_to_end(tmp_path: Path, pg_url: str, shared_data: Path) -> None:
+    """The whole node (SCP, sweep, routing, worker, outbox) on PostgreSQL, result in Orthanc."""
+    from dicom_sr.uids import output_uid
+    from node.serve import NodeService
+    from tests.support.dcmtk import storescu
+    from tests.support.node_proc import all_outbox
+    from tests.support.orthanc import OrthancProcess
+    from tests.test_e2e_orthanc import ct_series, node_settings
+
+    files, series_uid = ct_series(shared_data, tmp_path / "ct", "pg-e2e")
+    pacs = OrthancProcess(tmp_path / "orthanc")
+    pacs.start()
+    service = None
+    try:
+        settings = node_settings(tmp_path, pacs, ["pacs"])
+        settings.database.url = pg_url
+        service = NodeService(settings)
+        service.start()
+        assert service.sessions is not None
+        sessions = service.sessions
+        assert storescu(service.dicom_port, files).returncode == 0
+        wait_for(
+            lambda: (o := all_outbox(sessions)) and o[0].state.value == "sent", 120, "delivery"
+        )
+        (job,) = all_jobs(sessions)
+        assert job.state == JobState.SUCCEEDED
+        seg = output_uid(series_uid, "t1", "seg", "1")
+        assert len(pacs.find_instances(SOPInstanceUID=seg)) == 1
+    finally:
+        if service is not None:
+            service.stop(timeout=10)
+            if service.sessions is not None:
+                service.sessions.kw["bind"].dispose()
+        pacs.stop()
