@@ -223,6 +223,54 @@ def make_case(workdir: Path, seed: int) -> tuple[list[Path], Any]:
     return paths, case
 
 
+def store_clinical(sessions: Any, case: Any, first_file: Path) -> int:
+    """Synthetic labs and history for the case, stored as the node's clinical data."""
+    from datetime import UTC, datetime, timedelta
+
+    from pydicom import dcmread
+
+    from models.labs import by_name
+    from models.synthetic_clinical import synthesize_clinical
+    from node.clinical.store import LabRecord, NoteRecord, store_batch
+
+    ds = dcmread(first_file, stop_before_pixels=True)
+    patient_id = str(ds.PatientID)
+    d = str(ds.StudyDate)
+    when = datetime(int(d[:4]), int(d[4:6]), int(d[6:8]), 8, 0, tzinfo=UTC) - timedelta(days=1)
+    clinical = synthesize_clinical(case.truth)
+    labs = []
+    for name, value in clinical.labs.items():
+        test = by_name(name)
+        labs.append(
+            LabRecord(
+                patient_id=patient_id,
+                issuer="",
+                code=test.loinc,
+                value=value,
+                unit=test.unit,
+                observed_at=when,
+                source="json",  # as an import of a synthetic JSON export
+                source_ref=f"{patient_id}-{name}",
+            )
+        )
+    notes = []
+    if clinical.history:
+        notes.append(
+            NoteRecord(
+                patient_id=patient_id,
+                issuer="",
+                kind="history",
+                text=clinical.history,
+                recorded_at=when,
+                source="json",  # as an import of a synthetic JSON export
+                source_ref=f"{patient_id}-history",
+            )
+        )
+    with sessions.begin() as session:
+        result = store_batch(session, labs, notes, where="demo")
+    return int(result.stored)
+
+
 def send(paths: list[Path], port: int, ae_title: str) -> int:
     from pydicom import dcmread
     from pynetdicom import AE
@@ -404,6 +452,11 @@ def run_demo(args: argparse.Namespace) -> int:
         service.start()
         say(
             f"      DICOM {settings.ingest.ae_title}@127.0.0.1:{service.dicom_port}, HTTP http://127.0.0.1:{service.http_port}/health"
+        )
+        assert service.sessions is not None
+        stored = store_clinical(service.sessions, case, paths[0])
+        say(
+            f"      clinical store: {stored} synthetic lab value(s) and the history note for this patient"
         )
         say(f"[4/6] sending the series over C-STORE ({len(paths)} instances)")
         ok = send(paths, service.dicom_port, settings.ingest.ae_title)
