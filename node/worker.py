@@ -64,6 +64,21 @@ def dataset_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def _demographics(path: Path | None, study_date: str) -> tuple[int | None, str | None]:
+    """Age and sex from the first instance's header (never logged)."""
+    if path is None:
+        return None, None
+    from pydicom import dcmread
+
+    from models.labs import age_from_dicom, sex_from_dicom
+
+    ds = dcmread(path, stop_before_pixels=True)
+    age = age_from_dicom(
+        str(ds.get("PatientAge", "") or ""), str(ds.get("PatientBirthDate", "") or ""), study_date
+    )
+    return age, sex_from_dicom(str(ds.get("PatientSex", "") or ""))
+
+
 def _clinical_loader(
     sessions: sessionmaker[Session], settings: Settings, study: dict[str, Any]
 ) -> Any:
@@ -71,11 +86,14 @@ def _clinical_loader(
         try:
             from node.clinical.linking import StudyKey, clinical_context
 
+            age, sex = _demographics(study.get("first_file"), study.get("study_date", ""))
             key = StudyKey(
                 patient_id=study.get("patient_id", ""),
                 issuer=study.get("issuer", ""),
                 accession_number=study.get("accession_number", ""),
                 study_date=study.get("study_date", ""),
+                age=age,
+                sex=sex,
             )
             with sessions() as session:
                 return clinical_context(
@@ -114,13 +132,14 @@ def run_one(
                 select(Instance.path).where(Instance.series_id == series.id).order_by(Instance.id)
             )
         ]
-        study = {
+        study: dict[str, Any] = {
             "patient_id": series.study.patient_id,
             "issuer": series.study.issuer_of_patient_id,
             "accession_number": series.study.accession_number,
             "study_date": series.study.study_date,
         }
         series_uid, study_uid = series.series_instance_uid, series.study.study_instance_uid
+        study["first_file"] = paths[0] if paths else None
         modality = series.modality
 
     def beat() -> None:
