@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.bundle import (
+    DEMO_BUNDLE,
     Bundle,
     BundleError,
     IntensityNorm,
@@ -162,3 +163,12 @@ def test_trusted_bundle_uses_monai_config_parser(tiny: Path) -> None:
     b = load_bundle(tiny, trusted=True)
     net = b.network()
     assert net(torch.zeros(1, 1, 16, 32, 32)).shape[1] == 9
+
+
+def test_demo_bundle_is_valid() -> None:
+    if not (DEMO_BUNDLE / "configs" / "metadata.json").is_file():
+        pytest.fail(f"the shipped demo bundle is missing at {DEMO_BUNDLE}")
+    b = load_bundle()
+    assert b.root == DEMO_BUNDLE
+    assert (DEMO_BUNDLE / "models" / "model.pt").stat().st_size < 8 * 1024 * 1024
+    assert "not for clinical use" in (DEMO_BUNDLE / "docs" / "README.md").read_text().lower()

@@ -8,6 +8,8 @@ error in the pipeline shows up as a wrong mask.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -195,3 +197,14 @@ def test_postprocess_components_min_size_and_organ_restriction(tiny: Bundle) -> 
     assert organs == {1: Organ.LIVER}
     assert conf[1] == pytest.approx(0.9)
     assert (organ_map[inst == 1] == 1).all()  # the lesion is folded into the liver
+
+
+def test_demo_bundle_on_real_ct(shared_data: Path) -> None:
+    from models.nifti import load_nifti_krc
+
+    bundle = load_bundle()
+    ct, affine = load_nifti_krc(shared_data / "ct_abdomen_3mm" / "ct.nii.gz")
+    liver, _ = load_nifti_krc(shared_data / "ct_abdomen_3mm" / "labels" / "liver.nii.gz")
+    torch.set_num_threads(2)
+    seg = segment(_volume(ct.astype(np.float32), affine), bundle)
+    assert _dice(seg.organ_masks[Organ.LIVER], liver > 0) > 0.8
