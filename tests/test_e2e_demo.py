@@ -43,3 +43,18 @@ def test_demo_runs_end_to_end_without_orthanc(
     assert "seg " in out and "(stored)" in out and "NOT FOUND" not in out
     png = tmp_path / "demo" / "key-slice.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_with_the_shipped_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first command as a user runs it: the product pipeline and the shipped bundle."""
+    code = main(["demo", "--workdir", str(tmp_path / "demo"), "--no-orthanc", "--timeout", "300"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "clinical store: " in out
+    outcome = next(line for line in out.splitlines() if "outcome: " in line)
+    assert "seg" in outcome and "sr" in outcome and "pdf" in outcome
+    assert outcome.endswith("sent to archive")
+    assert "diagnosis probabilities:" in out
+    assert "report draft:" in out
+    assert "(stored)" in out and "NOT FOUND" not in out
+    assert (tmp_path / "demo" / "key-slice.png").is_file()
