@@ -230,3 +230,48 @@ def test_pacs_outage_waits_then_delivers_and_finally_fails_clearly(
     assert (item.state, attempts) == (OutboxState.FAILED, 4)
     time.sleep(3)  # nothing loops: no further attempt is made
     assert all_outbox(sessions)[1].attempts == attempts
+
+
+def test_product_pipeline_on_real_ct_results_in_orthanc(
+    tmp_path: Path,
+    pacs: OrthancProcess,
+    series_a: tuple[list[Path], str],
+    running: list[NodeService],
+) -> None:
+    """storescu → node → hpb-ct-mr (shipped bundle) → SEG, SR, PDF, ... in Orthanc, each once."""
+    files, series_uid = series_a
+    settings = node_settings(tmp_path, pacs, ["pacs"])
+    rules = yaml.safe_load((tmp_path / "rules.yaml").read_text())
+    rules["rules"][0]["pipeline"] = "hpb-ct-mr"
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    node = start_node(settings, running)
+    assert node.sessions is not None
+    sessions = node.sessions
+    assert storescu(node.dicom_port, files).returncode == 0
+    wait_for(
+        lambda: (
+            (jobs := all_jobs(sessions))
+            and jobs[0].state in (JobState.SUCCEEDED, JobState.FAILED)
+            and all(o.state == OutboxState.SENT for o in all_outbox(sessions))
+        ),
+        240,
+        "the product pipeline's results delivered",
+    )
+    (job,) = all_jobs(sessions)
+    assert job.state == JobState.SUCCEEDED, job.last_error
+    objects = job.result["objects"]
+    kinds = [o["kind"] for o in objects]
+    assert kinds[:2] == ["seg", "sr"] and "pdf" in kinds
+    modality = {"seg": "SEG", "sr": "SR", "pdf": "DOC", "sc": "OT", "ko": "KO"}
+    for o in objects:
+        assert len(pacs.find_instances(SOPInstanceUID=o["sop_instance_uid"])) == 1
+        meta = httpx.get(
+            f"{pacs.dicomweb_url}/instances",
+            params={"SOPInstanceUID": o["sop_instance_uid"]},
+            timeout=30,
+        ).json()
+        assert meta[0]["00080060"]["Value"] == [modality[o["kind"]]]
+    assert pacs.instance_count() == len(objects)
+    assert "liver" in job.result["organs"]
+    assert job.outcome.endswith("sent to pacs")
+    assert series_uid  # the source series itself never leaves the node
