@@ -3,7 +3,8 @@
 The node runs in-process (NodeService: SCP, HTTP, scheduler, one worker) on a
 temporary SQLite database; Orthanc is Debian's binary (tests/support/pacs.py).
 The CT series is written from ../shared/data/ct_abdomen_3mm. The threshold
-pipeline (tests/support/threshold_pipeline.py) stands in for the model.
+pipeline (tests/support/threshold_pipeline.py) stands in for the model where the
+test is about transport; one test runs the product pipeline with the shipped bundle.
 """
 
 from __future__ import annotations
