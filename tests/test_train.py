@@ -18,6 +18,7 @@ from models.train import (
     dice_per_class,
     load_labels,
     read_manifest,
+    record_from_json,
     train,
 )
 from node.cli import main
@@ -162,3 +163,27 @@ def test_cli_train(manifest: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert rc == 0
     assert load_bundle(tmp_path / "b").version == "0.1.0"
+
+
+def test_dicom_folder_image_gives_same_labels_grid(manifest: Path, tmp_path: Path) -> None:
+    """A manifest image may be a DICOM series folder (read with models.loader)."""
+    from models.nifti import load_nifti_krc
+    from models.series_writer import write_series
+    from models.train import prepare_record
+
+    rec = read_manifest(manifest)[0]
+    img, affine = load_nifti_krc(rec.image)
+    write_series(np.rint(img).astype(np.int16), affine, tmp_path / "dicom")
+    dcm_rec = record_from_json(
+        {
+            "case_id": "d",
+            "image": str(tmp_path / "dicom"),
+            "label": str(rec.label),
+            "lesions": str(rec.lesions),
+        },
+        tmp_path,
+    )
+    cfg = _config(manifest, tmp_path / "w", epochs=1)
+    a, b = prepare_record(rec, cfg), prepare_record(dcm_rec, cfg)
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_allclose(a.image.astype(np.float32), b.image.astype(np.float32), atol=0.01)
