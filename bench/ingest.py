@@ -274,8 +274,8 @@ def main() -> int:
             " receive path alone (no-op handler; polling reactor threads, 4 KiB recv"
             " calls) already reaches only diagnostic_pynetdicom_noop_handler_mb_s;"
             " without fsync see diagnostic_node_without_fsync_mb_s. The machine's 2"
-            " cores were shared with other jobs (load average about 8), which inflates"
-            " the Python side far more than DCMTK's C code."
+            " cores were shared with other jobs (see note), which inflates the Python"
+            " side far more than DCMTK's C code."
         ),
         "machine": machine(),
         "note": args.note,
