@@ -18,12 +18,12 @@ import re
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -114,35 +114,8 @@ class RuleIn(_In):
         return v
 
 
-class DestinationIn(_In):
-    name: str
-    kind: str  # "dimse" or "dicomweb"
-    ae_title: str = ""
-    host: str = ""
-    port: int = Field(default=0, ge=0, le=65535)
-    url: str = ""
-    enabled: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("1-64 letters, digits, '_', '.', '-', starting with a letter or digit")
-        return v
-
-    @model_validator(mode="after")
-    def _complete(self) -> Self:
-        if self.kind == "dimse":
-            if not 1 <= len(self.ae_title) <= 16 or "\\" in self.ae_title:
-                raise ValueError("ae_title: 1-16 characters without backslash for a DIMSE peer")
-            if not self.host or not 1 <= self.port <= 65535:
-                raise ValueError("host and port (1-65535) are required for a DIMSE peer")
-        elif self.kind == "dicomweb":
-            if not re.match(r"^https?://[^\s]+$", self.url):
-                raise ValueError("url: an http(s) URL of the DICOMweb service is required")
-        else:
-            raise ValueError("kind must be 'dimse' or 'dicomweb'")
-        return self
+# One schema for destinations, from the YAML file or the API.
+DestinationIn = rules.DestinationSpec
 
 
 class TokenIn(_In):
