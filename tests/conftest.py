@@ -38,3 +38,27 @@ def free_port() -> int:
 @pytest.fixture()
 def port() -> Iterator[int]:
     yield free_port()
+
+
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+
+
+@pytest.fixture()
+def pg_url() -> Iterator[str]:
+    """A throw-away PostgreSQL database on 127.0.0.1 (created, then dropped with FORCE)."""
+    import uuid
+
+    import psycopg
+
+    name = f"hpb_test_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required for this test: {exc}")
+    with conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -300,31 +300,6 @@ def test_bad_import_files_store_nothing(tmp_path: Path, capsys: pytest.CaptureFi
     engine.dispose()
 
 
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture()
-def pg_url() -> Iterator[str]:
-    import uuid
-
-    from sqlalchemy import text
-
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"hpb_clin_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # no server on this machine
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} not usable: {exc}")
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.mark.postgres
 def test_store_and_link_on_postgresql(pg_url: str) -> None:
     """The same rules on PostgreSQL, schema from the node's Alembic migrations."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,6 @@ from sqlalchemy import create_engine, inspect, text
 
 from node.db import Base
 from node.migrate import alembic_config, schema_differences, upgrade
-
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def test_single_head() -> None:
@@ -50,29 +46,11 @@ def test_difference_is_detected(tmp_path: Path) -> None:
     assert any("ix_jobs_claim" in str(d) for d in schema_differences(url))
 
 
-@pytest.fixture()
-def pg_database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"hpb_mig_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # no server on this machine
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} not usable: {exc}")
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.mark.postgres
-def test_upgrade_postgresql_matches_models(pg_database: str) -> None:
-    upgrade(pg_database)
-    assert schema_differences(pg_database) == []
-    engine = create_engine(pg_database)
+def test_upgrade_postgresql_matches_models(pg_url: str) -> None:
+    upgrade(pg_url)
+    assert schema_differences(pg_url) == []
+    engine = create_engine(pg_url)
     try:
         assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
     finally:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from node import queue
@@ -16,24 +13,6 @@ from node.migrate import upgrade
 from tests.support.node_proc import NodeProcess, all_jobs, wait_for, write_config
 
 pytestmark = pytest.mark.postgres
-
-ADMIN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-
-
-@pytest.fixture()
-def pg_url() -> Iterator[str]:
-    name = f"hpb_test_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = psycopg.connect(ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required for this test: {exc}")
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_two_worker_processes_share_twenty_jobs(tmp_path: Path, pg_url: str) -> None:
