@@ -144,7 +144,7 @@ def test_builtin_seg_reader_matches_dicom_sr_reader(shared_data: Path) -> None:
     """The harness's own highdicom adapter (used where dicom_sr is not plugged in) reads
     the real dcmqi liver SEG exactly as ``dicom_sr.readers`` does."""
     from models.evaluation.dataset import read_seg
-    from node.cli_evaluate import seg_reader
+    from node.evaluate_command import seg_reader
 
     path = shared_data / "ct_liver_3slice" / "liver_seg.dcm"
     ours, theirs = read_seg(path), seg_reader(path)

@@ -77,7 +77,7 @@ def test_own_seg_and_sr_read_back(tmp_path: Path) -> None:
     assert vols["liver"]["sr_ml"] == pytest.approx(vols["liver"]["mask_ml"], rel=1e-3)
     # the harness's own SR reader (used without dicom_sr) reads the same figures
     from models.evaluation.dataset import read_sr_content
-    from node.cli_evaluate import sr_reader
+    from node.evaluate_command import sr_reader
 
     own, theirs = (
         read_sr_content(res / "sr" / "c3" / "sr.dcm"),
