@@ -143,6 +143,7 @@ def write_series(
         ds.PatientBirthDate = info.patient_birth_date
         ds.PatientSex = info.patient_sex
         ds.BodyPartExamined = info.body_part
+        ds.PatientPosition = "HFS"  # required (type 2C) for CT and MR; extra may override
         ds.StudyInstanceUID = info.study_uid
         ds.SeriesInstanceUID = info.series_uid
         ds.StudyID = "1"

@@ -46,7 +46,7 @@ def series_info(case: SyntheticCase) -> SeriesInfo:
     t = case.truth
     year = 2026 - t.age
     thickness = abs(float(case.affine[2, 0]))
-    extra: dict[str, Any] = {"PatientAge": f"{t.age:03d}Y", "PatientPosition": "HFS"}
+    extra: dict[str, Any] = {"PatientAge": f"{t.age:03d}Y"}
     if t.phase is not ContrastPhase.NON_CONTRAST:
         extra["ContrastBolusAgent"] = "IOHEXOL 350" if t.modality == "CT" else "GADOTERATE"
         extra["ContrastBolusRoute"] = "IV"
