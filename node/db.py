@@ -76,6 +76,13 @@ class JobState(StrEnum):
 TERMINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 
+class RuleSource(StrEnum):
+    """Who manages a rule: the rules file (replaced at every load) or the admin API/CLI."""
+
+    FILE = "file"  # in ``settings.rules_file``; removed from the database when removed there
+    API = "api"  # created by an admin; a rules-file load never deletes it
+
+
 class OutboxState(StrEnum):
     PENDING = "pending"
     SENDING = "sending"
@@ -241,6 +248,9 @@ class RuleRow(Base):
     enabled: Mapped[bool] = mapped_column(default=True)
     definition: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    source: Mapped[RuleSource] = mapped_column(
+        _enum(RuleSource), default=RuleSource.API, server_default=RuleSource.API.value
+    )
 
 
 class ApiToken(Base):

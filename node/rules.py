@@ -34,6 +34,7 @@ declared ``order_by`` (attribute and direction) wins. Nothing is evaluated.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _AE = re.compile(r"^[^\\]{1,16}$")
@@ -535,27 +538,75 @@ def load_rules_file(path: Path | str) -> RuleSet:
 # --------------------------------------------------------------------------- database
 
 
-def sync_to_database(session: Any, ruleset: RuleSet, actor: str = "system") -> None:
-    """Upsert the rules and destinations of a file into RuleRow / Destination rows."""
+@dataclass
+class SyncReport:
+    """What a rules-file load changed (rule names)."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def sync_to_database(session: Any, ruleset: RuleSet, actor: str = "system") -> SyncReport:
+    """Make the database's file-managed rules equal to the file; upsert its destinations.
+
+    The rules file is the source of truth for the rules it manages
+    (``RuleRow.source == file``): each rule in it is created or updated (a rule of
+    the same name created through the admin API is taken over), and a file-managed
+    rule that is no longer in the file is deleted, with a ``rule.remove`` audit
+    event keeping its last definition. Rules created through the admin API are
+    never deleted by a load. Destinations are upserted only (a destination may be
+    named by admin-created rules and by jobs still waiting to send).
+    """
     from sqlalchemy import select
 
-    from node.db import Destination, RuleRow, audit, utcnow
+    from node.db import Destination, RuleRow, RuleSource, audit, utcnow
 
+    report = SyncReport()
     for rule in ruleset.rules:
         row = session.scalars(select(RuleRow).where(RuleRow.name == rule.name)).first()
         definition = rule.definition()
+        previous = None if row is None else row.source
         if row is None:
             row = RuleRow(name=rule.name)
             session.add(row)
-        elif (row.priority, row.enabled, row.definition) == (
+        elif (row.priority, row.enabled, row.definition, row.source) == (
             rule.priority,
             rule.enabled,
             definition,
+            RuleSource.FILE,
         ):
+            report.unchanged.append(rule.name)
             continue
         row.priority, row.enabled, row.definition = rule.priority, rule.enabled, definition
+        row.source = RuleSource.FILE
         row.updated_at = utcnow()
-        audit(session, actor, "rule.load", f"rule:{rule.name}", priority=rule.priority)
+        detail: dict[str, Any] = {"priority": rule.priority, "enabled": rule.enabled}
+        if previous == RuleSource.API:
+            detail["taken_over_from"] = RuleSource.API.value
+        audit(session, actor, "rule.load", f"rule:{rule.name}", **detail)
+        (report.created if previous is None else report.updated).append(rule.name)
+    in_file = {rule.name for rule in ruleset.rules}
+    stale = session.scalars(
+        select(RuleRow).where(RuleRow.source == RuleSource.FILE).order_by(RuleRow.name)
+    ).all()
+    for row in stale:
+        if row.name in in_file:
+            continue
+        audit(
+            session,
+            actor,
+            "rule.remove",
+            f"rule:{row.name}",
+            reason="no longer in the rules file",
+            priority=row.priority,
+            enabled=row.enabled,
+            definition=row.definition,
+        )
+        session.delete(row)
+        report.removed.append(row.name)
+        log.warning("rule %s removed: no longer in the rules file", row.name)
     for dest in ruleset.destinations:
         drow = session.scalars(select(Destination).where(Destination.name == dest.name)).first()
         if drow is None:
@@ -564,6 +615,8 @@ def sync_to_database(session: Any, ruleset: RuleSet, actor: str = "system") -> N
         drow.kind, drow.ae_title, drow.host = dest.kind, dest.ae_title, dest.host
         drow.port, drow.url, drow.enabled = dest.port, dest.url, dest.enabled
         audit(session, actor, "destination.load", f"destination:{dest.name}")
+    session.flush()
+    return report
 
 
 def rules_from_rows(rows: Iterable[Any]) -> list[Rule]:
