@@ -6,6 +6,11 @@ the node's DICOM listener (AE HPBNODE). The node's outputs sent back to
 Orthanc (a SEG, a CT-like series from the node's AE, a series with the node's
 manufacturer) and series refused by the site filters are never routed, and
 each decision is listed by /hpb-router/routed with its reason.
+
+End to end, with real parts only: storescu -> Orthanc -> plugin -> ``hpb-node
+serve`` (a process) -> the shipped model pipeline ``hpb-ct-mr`` -> SEG, TID 1500
+SR and Encapsulated PDF back in Orthanc, read through Orthanc's REST API
+(tests/test_pull.py runs the same chain in pull mode).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.events import Event
 
+from dicom_sr.readers import read_sr
+from node.pipelines import PRODUCT_PIPELINE
 from tests.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
@@ -352,6 +359,71 @@ def study_modalities(orth: OrthancProc, study_uid: str) -> dict[str, list[dict[s
     return out
 
 
+def node_results_delivered(node: NodeProc, orth: OrthancProc, series_uid: str) -> bool:
+    """The node's one job for ``series_uid`` succeeded and each of its objects is in Orthanc."""
+    jobs = node.api.get("/api/jobs").json()
+    if [(j["series_instance_uid"], j["state"]) for j in jobs] != [(series_uid, "succeeded")]:
+        assert all(j["state"] not in ("failed", "cancelled") for j in jobs), jobs
+        return False
+    objects = jobs[0]["result"]["objects"]
+    return bool(objects) and all(
+        orth.client.post(
+            "/tools/find",
+            json={"Level": "Instance", "Query": {"SOPInstanceUID": o["sop_instance_uid"]}},
+        ).json()
+        for o in objects
+    )
+
+
+def check_model_results(
+    orth: OrthancProc, study_uid: str, series_uid: str, sources: list[Path]
+) -> dict[str, pydicom.Dataset]:
+    """The model's SEG, SR and PDF for ``series_uid``, read back through Orthanc's REST API.
+
+    One series of one instance each, in the source's study; the SEG and the SR
+    reference the source series (the SR also the SEG, as TID 1500 evidence), the
+    PDF's source is the SR.
+    """
+    found = study_modalities(orth, study_uid)
+    results: dict[str, pydicom.Dataset] = {}
+    for modality in ("SEG", "SR", "DOC"):
+        assert len(found.get(modality, [])) == 1, f"{modality}: {found.get(modality)}"
+        (instance,) = found[modality][0]["Instances"]
+        raw = orth.client.get(f"/instances/{instance}/file")
+        raw.raise_for_status()
+        results[modality] = pydicom.dcmread(io.BytesIO(raw.content))
+    seg, sr, doc = results["SEG"], results["SR"], results["DOC"]
+    source_sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sources}
+    for ds in results.values():
+        assert ds.StudyInstanceUID == study_uid
+        assert ds.SeriesInstanceUID != series_uid
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert {
+        str(i.ReferencedSOPInstanceUID)
+        for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    } <= source_sops
+
+    (evidence_study,) = sr.CurrentRequestedProcedureEvidenceSequence
+    assert evidence_study.StudyInstanceUID == study_uid
+    evidence = {
+        str(s.SeriesInstanceUID): {str(i.ReferencedSOPInstanceUID) for i in s.ReferencedSOPSequence}
+        for s in evidence_study.ReferencedSeriesSequence
+    }
+    assert set(evidence) == {series_uid, str(seg.SeriesInstanceUID)}
+    assert evidence[series_uid] == source_sops
+    assert evidence[str(seg.SeriesInstanceUID)] == {str(seg.SOPInstanceUID)}
+    report = read_sr(sr)
+    assert report.groups, "the SR has no measurement group"
+    assert {g.referenced_segment[0] for g in report.groups if g.referenced_segment} == {
+        str(seg.SOPInstanceUID)
+    }
+
+    assert doc.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert bytes(doc.EncapsulatedDocument).startswith(b"%PDF-")
+    assert doc.SourceInstanceSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
+    return results
+
+
 def test_invalid_router_section_disables_the_plugin_with_a_clear_log(
     tmp_path: Path, node_scp: StorageScp
 ) -> None:
@@ -380,12 +452,9 @@ def e2e_ct(shared_data: Path, out: Path, seed: str) -> tuple[str, str, list[Path
     return info.study_uid, info.series_uid, paths
 
 
-# The model pipeline (hpb-ct-mr) needs the shipped bundle models/bundles/hpb_demo.
-# Until it lands, the chain runs with the TEST-ONLY threshold pipeline
-# (tests/support/threshold_pipeline.py, a real DICOM SEG of HU > 100) standing in
-# for the model: everything else (Orthanc, plugin, node SCP, rules, queue,
-# worker, export back to Orthanc, loop prevention) is the real thing.
-E2E_PIPELINE = ("threshold-test", ("tests.support.threshold_pipeline",), {"SEG"})
+# The shipped model pipeline (node/pipelines.py, bundle models/bundles/hpb_demo):
+# (pipeline name, extra --pipeline-module imports, modalities expected back in Orthanc).
+E2E_PIPELINE = (PRODUCT_PIPELINE, (), {"SEG", "SR", "DOC"})
 
 
 def test_end_to_end_storescu_orthanc_plugin_node_results_in_orthanc(
@@ -404,17 +473,12 @@ def test_end_to_end_storescu_orthanc_plugin_node_results_in_orthanc(
         storescu(orth, files)
 
         wait_for(
-            lambda: expected <= set(study_modalities(orth, study_uid)),
-            240,
-            f"{sorted(expected)} from the node in Orthanc",
+            lambda: node_results_delivered(node, orth, series_uid),
+            300,
+            f"the node's results ({sorted(expected)} at least) in Orthanc",
         )
-        jobs = node.api.get("/api/jobs").json()
-        assert [(j["series_instance_uid"], j["state"]) for j in jobs] == [(series_uid, "succeeded")]
-        seg_series = study_modalities(orth, study_uid)["SEG"][0]
-        seg_file = orth.client.get(f"/instances/{seg_series['Instances'][0]}/file").content
-        seg = pydicom.dcmread(io.BytesIO(seg_file))
-        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
-        assert seg.StudyInstanceUID == study_uid
+        assert expected <= set(study_modalities(orth, study_uid))
+        check_model_results(orth, study_uid, series_uid, files)
 
         # the results are not routed back to the node (no loop)
         n_outputs = sum(len(v) for k, v in study_modalities(orth, study_uid).items() if k != "CT")

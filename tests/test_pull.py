@@ -144,12 +144,14 @@ def test_pull_reports_an_unreachable_orthanc(tmp_path: Path) -> None:
 def test_end_to_end_pull_mode_results_in_orthanc(
     shared_data: Path, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """storescu -> Orthanc (no plugin routing) <- hpb-node pull -> node -> results in Orthanc."""
+    """storescu -> Orthanc (no routing) <- hpb-node pull -> node -> model -> SEG, SR, PDF in Orthanc."""
     from tests.test_orthanc_plugin import (
         E2E_PIPELINE,
         E2E_TOKEN,
+        check_model_results,
         e2e_ct,
         node_config,
+        node_results_delivered,
         start_node,
         stop_node,
         study_modalities,
@@ -172,12 +174,12 @@ def test_end_to_end_pull_mode_results_in_orthanc(
         assert cli_main(pull) == 0
         assert "pulled 1 series, 112 instances (0 refused)" in capsys.readouterr().out
         wait_for(
-            lambda: expected <= set(study_modalities(orth, study_uid)),
-            240,
-            f"{sorted(expected)} from the node in Orthanc",
+            lambda: node_results_delivered(node, orth, series_uid),
+            300,
+            f"the node's results ({sorted(expected)} at least) in Orthanc",
         )
-        jobs = node.api.get("/api/jobs").json()
-        assert [(j["series_instance_uid"], j["state"]) for j in jobs] == [(series_uid, "succeeded")]
+        assert expected <= set(study_modalities(orth, study_uid))
+        check_model_results(orth, study_uid, series_uid, files)
         # the node's own results are never pulled back
         n_results = sum(len(v) for k, v in study_modalities(orth, study_uid).items() if k != "CT")
         wait_for(
