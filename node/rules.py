@@ -29,6 +29,19 @@ inclusive), and the combinators ``all`` (list), ``any`` (list), ``not`` (one).
 Selection: ``every`` matching series gets a job, or only the ``best_per_study``:
 among the complete series of a study that match the rule, the first by the
 declared ``order_by`` (attribute and direction) wins. Nothing is evaluated.
+The choice waits until the study is quiet (no series of it still receiving, and
+no instance for ``selection.study_quiet_s`` seconds if set); one study gets at
+most one live job per rule. A better series completing later replaces a job
+that is still queued (cancelled, audited ``job.superseded``); once a worker has
+taken the job, the later series is noted "not selected" (audited
+``series.not_selected``) and gets none. :mod:`node.stability` applies this.
+
+Where rules live: the database (:class:`node.db.RuleRow`), which the sweep reads.
+:func:`sync_to_database` makes the rules the file manages (``source: file``)
+equal to the rules file: it creates and updates them and deletes, audited as
+``rule.remove``, those the file no longer defines. Rules created through the
+admin API (``source: api``) are never deleted by a file load; a file rule of the
+same name takes one over.
 """
 
 from __future__ import annotations
@@ -351,13 +364,24 @@ class OrderKey(_Model):
 
 
 class Selection(_Model):
+    """Which matching series get a job: ``every`` one, or the ``best_per_study``.
+
+    ``study_quiet_s`` (best_per_study only): the study must also have received no
+    instance for this many seconds before its best series is chosen (default 0: as
+    soon as no series of the study is still receiving). Raise it when a modality
+    sends the series of one study minutes apart.
+    """
+
     policy: Literal["every", "best_per_study"] = "every"
     order_by: list[OrderKey] = Field(default_factory=list)
+    study_quiet_s: float = Field(default=0.0, ge=0, le=86_400)
 
     @model_validator(mode="after")
     def _needs_order(self) -> Self:
         if self.policy == "best_per_study" and not self.order_by:
             raise ValueError("order_by: best_per_study needs at least one ordering key")
+        if self.policy == "every" and self.study_quiet_s:
+            raise ValueError("study_quiet_s: applies only to policy best_per_study")
         return self
 
     def sort_key(self, a: SeriesAttributes) -> tuple[Any, ...]:

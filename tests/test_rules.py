@@ -64,6 +64,20 @@ def rule(**kw: object) -> dict[str, object]:
             rule(selection={"policy": "best", "order_by": []}),
             "selection.policy: Input should be 'every' or 'best_per_study'",
         ),
+        (
+            rule(selection={"study_quiet_s": 60}),
+            "selection.study_quiet_s: applies only to policy best_per_study",
+        ),
+        (
+            rule(
+                selection={
+                    "policy": "best_per_study",
+                    "order_by": [{"attribute": "slice_thickness"}],
+                    "study_quiet_s": -1,
+                }
+            ),
+            "selection.study_quiet_s: Input should be greater than or equal to 0",
+        ),
         (rule(stable_after_s=0), "stable_after_s: Input should be greater than 0"),
         ({"name": "x"}, "rule 'x': pipeline: Field required"),
         (rule(name="bad name!"), "name: 1-64 letters"),

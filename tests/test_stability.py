@@ -11,7 +11,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import queue
-from node.db import Job, JobState, Series, SeriesState, create_engine_for, session_factory, utcnow
+from node.db import (
+    AuditEvent,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    create_engine_for,
+    session_factory,
+    utcnow,
+)
 from node.migrate import upgrade
 from node.registry import InstanceHeader, record_instance
 from node.rules import parse_rules_document, sync_to_database
@@ -229,3 +238,113 @@ def test_ultrasound_is_routed_and_ends_with_no_model_for_us(
     (job,) = jobs(sessions)
     assert job.state == JobState.SUCCEEDED
     assert job.outcome == "no model for US"
+
+
+THINNEST = {
+    "rules": [
+        {
+            "name": "thinnest",
+            "pipeline": "p",
+            "match": {"modality": "CT"},
+            "selection": {
+                "policy": "best_per_study",
+                "order_by": [{"attribute": "slice_thickness"}],
+            },
+        }
+    ]
+}
+
+
+def audit_rows(sessions: sessionmaker[Session], action: str) -> list[AuditEvent]:
+    with sessions() as s:
+        return list(s.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+
+
+def test_better_series_later_supersedes_a_queued_job(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    settings = settings_for(tmp_path)
+    load(sessions, THINNEST)
+    t0 = utcnow()
+    receive(sessions, f"{STUDY}.1", 2, slice_thickness=3.0, when=t0)
+    assert len(sweep(sessions, settings, now=t0 + timedelta(seconds=35)).jobs) == 1
+    # a thinner series of the same study arrives after the first was chosen
+    receive(sessions, f"{STUDY}.2", 2, slice_thickness=1.0, when=t0 + timedelta(seconds=100))
+    report = sweep(sessions, settings, now=t0 + timedelta(seconds=131))
+    first, second = jobs(sessions)
+    a, b = series_row(sessions, f"{STUDY}.1"), series_row(sessions, f"{STUDY}.2")
+    assert report.jobs == [second.id] and second.series_id == b.id
+    assert first.series_id == a.id and first.state == JobState.CANCELLED
+    assert first.outcome == f"superseded by series {STUDY}.2, better for rule thinnest"
+    assert f"rule thinnest: job {first.id} cancelled, series {STUDY}.2 is better" in a.routing_note
+    assert f"queued job {first.id} of series {STUDY}.1 cancelled" in b.routing_note
+    (event,) = audit_rows(sessions, "job.superseded")
+    assert event.target == f"job:{first.id}" and event.detail["by_series"] == b.id
+    # one live job for the study and rule
+    assert [j.state for j in jobs(sessions)] == [JobState.CANCELLED, JobState.QUEUED]
+
+
+@pytest.mark.parametrize("taken", ["running", "succeeded"])
+def test_better_series_after_the_job_was_taken_is_noted_not_run(
+    tmp_path: Path, sessions: sessionmaker[Session], taken: str
+) -> None:
+    settings = settings_for(tmp_path)
+    load(sessions, THINNEST)
+    t0 = utcnow()
+    receive(sessions, f"{STUDY}.1", 2, slice_thickness=3.0, when=t0)
+    assert len(sweep(sessions, settings, now=t0 + timedelta(seconds=35)).jobs) == 1
+    claim = queue.claim(sessions, "w", 600)
+    assert claim is not None
+    if taken == "succeeded":
+        queue.finish_without_result(sessions, claim, "3 objects")
+    receive(sessions, f"{STUDY}.2", 2, slice_thickness=1.0, when=t0 + timedelta(seconds=100))
+    report = sweep(sessions, settings, now=t0 + timedelta(seconds=131))
+    b = series_row(sessions, f"{STUDY}.2")
+    assert report.jobs == [] and report.not_selected == [b.id] and report.unrouted == []
+    (job,) = jobs(sessions)  # never a second result set for the study and rule
+    assert job.state == JobState(taken)
+    assert b.routing_note == (
+        f"rule thinnest: matched, better by order_by, but not selected:"
+        f" job {job.id} already {taken} for series {STUDY}.1"
+    )
+    (event,) = audit_rows(sessions, "series.not_selected")
+    assert event.target == f"series:{b.id}"
+    assert event.detail == {
+        "rule": "thinnest",
+        "job": job.id,
+        "job_state": taken,
+        "selected_series": job.series_id,
+        "better": True,
+    }
+    # the selected series stays selected: late instances re-open it and it runs again
+    receive(
+        sessions, f"{STUDY}.1", 1, start=2, slice_thickness=3.0, when=t0 + timedelta(seconds=140)
+    )
+    again = sweep(sessions, settings, now=t0 + timedelta(seconds=171))
+    assert len(again.jobs) == 1
+    assert jobs(sessions)[-1].series_id == job.series_id
+    assert jobs(sessions)[-1].series_generation == 2
+
+
+def test_best_series_waits_for_a_quiet_study(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    settings = settings_for(tmp_path)
+    doc = {"rules": [dict(THINNEST["rules"][0])]}
+    doc["rules"][0]["selection"] = {
+        "policy": "best_per_study",
+        "order_by": [{"attribute": "slice_thickness"}],
+        "study_quiet_s": 120,
+    }
+    load(sessions, doc)
+    t0 = utcnow()
+    receive(sessions, f"{STUDY}.1", 2, slice_thickness=3.0, when=t0)
+    first = sweep(sessions, settings, now=t0 + timedelta(seconds=35))
+    assert first.completed and first.deferred and not first.jobs
+    assert series_row(sessions, f"{STUDY}.1").routing_note == ""  # routed again next sweep
+    receive(sessions, f"{STUDY}.2", 2, slice_thickness=1.0, when=t0 + timedelta(seconds=60))
+    assert not sweep(sessions, settings, now=t0 + timedelta(seconds=179)).jobs
+    last = sweep(sessions, settings, now=t0 + timedelta(seconds=181))
+    (job,) = jobs(sessions)
+    assert last.jobs == [job.id] and job.series_id == series_row(sessions, f"{STUDY}.2").id
+    assert "is the best of the study" in series_row(sessions, f"{STUDY}.1").routing_note
