@@ -1,21 +1,29 @@
 """Rules file -> database: reload removes what the file no longer defines, keeps admin rules;
-the ``rules.source`` migration on SQLite."""
+the ``rules.source`` migration on SQLite; ``hpb-node rules test`` reading the database."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.series_writer import SeriesInfo, write_series
 from node import api
+from node.cli import main
 from node.db import AuditEvent, RuleRow, RuleSource, create_engine_for, session_factory
 from node.migrate import alembic_config, schema_differences, upgrade
 from node.rules import load_rules_file, sync_to_database
 from node.serve import load_rules_into
 from node.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_rules(path: Path, *rules: str) -> Path:
@@ -139,3 +147,86 @@ def test_migration_0002_adds_rule_source_and_keeps_existing_rules(tmp_path: Path
         report = sync_to_database(s, load_rules_file(rules_file))
     assert (report.created, report.removed) == (["new-mr"], [])  # old-ct is not the file's
     assert sorted(rows(sessions)) == ["new-mr", "old-ct"]
+
+
+# --------------------------------------------------------------------------- rules test
+
+
+def ct_series(folder: Path) -> Path:
+    write_series(
+        np.zeros((3, 8, 8), dtype=np.int16),
+        np.diag([0.8, 0.8, 1.0, 1.0])[[2, 1, 0, 3]],
+        folder,
+        info=SeriesInfo(series_description="PORTAL VENOUS 1mm", body_part="ABDOMEN"),
+    )
+    return folder
+
+
+def test_cli_rules_test_falls_back_to_the_database(
+    tmp_path: Path,
+    db_url: str,
+    sessions: sessionmaker[Session],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HPB_DATABASE_URL", raising=False)
+    folder = ct_series(tmp_path / "series")
+    config = tmp_path / "node.yaml"
+    config.write_text(f"database: {{url: '{db_url}'}}\n", encoding="utf-8")  # no rules_file
+    with sessions.begin() as s:
+        for name, priority, enabled, definition in (
+            ("thin-pv", 10, True, {"pipeline": "hpb-ct-mr", "match": {"modality": "CT"}}),
+            ("mr-only", 20, True, {"pipeline": "hpb-ct-mr", "match": {"modality": "MR"}}),
+            ("ct-off", 30, False, {"pipeline": "hpb-ct-mr", "match": {"modality": "CT"}}),
+        ):
+            api.put_rule(
+                s,
+                api.RuleIn(name=name, priority=priority, enabled=enabled, definition=definition),
+                "admin",
+                create=True,
+            )
+    assert main(["--config", str(config), "rules", "test", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"rules: 3 from database {db_url}" in out
+    assert "matched: thin-pv\n" in out
+    assert "rule 'mr-only' (priority 20): not matched" in out
+    assert "FAIL modality: 'CT' not in ['MR']" in out
+    assert "rule 'ct-off' (priority 30): not matched" in out
+    assert "FAIL rule is disabled" in out
+
+    # no rule in the database matches: exit 1, still explained
+    with sessions.begin() as s:
+        api.delete_rule(s, "thin-pv", "admin")
+    assert main(["--config", str(config), "rules", "test", str(folder)]) == 1
+    assert "matched: no rule" in capsys.readouterr().out
+
+
+def test_cli_rules_test_database_errors_are_named(tmp_path: Path, db_url: str) -> None:
+    folder = ct_series(tmp_path / "series")
+    missing = tmp_path / "absent.db"
+    env = {**os.environ, "HPB_DATABASE_URL": f"sqlite:///{missing}"}
+    run = subprocess.run(
+        [sys.executable, "-m", "node", "rules", "test", str(folder)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"database sqlite:///{missing} does not exist" in run.stderr
+    assert not missing.exists()  # testing rules never creates a database
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(f"database: {{url: '{db_url}'}}\n", encoding="utf-8")
+    env["HPB_DATABASE_URL"] = db_url
+    run = subprocess.run(
+        [sys.executable, "-m", "node", "--config", str(empty), "rules", "test", str(folder)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert f"no rules to test in database {db_url}" in run.stderr
