@@ -49,7 +49,8 @@ class JobContext:
     instance_paths: list[Path]  # absolute paths of the series' instances
     settings: Settings
     study: dict[str, Any] = field(default_factory=dict)  # patient/accession for clinical linking
-    clinical_loader: Callable[[], Any] | None = None  # -> models.labs.ClinicalContext
+    # (headers=volume.headers) -> models.labs.ClinicalContext
+    clinical_loader: Callable[..., Any] | None = None
     heartbeat: Callable[[], None] = lambda: None
     progress: Callable[[str], None] = lambda _msg: None
 
@@ -159,7 +160,9 @@ def hpb_ct_mr(ctx: JobContext) -> PipelineResult:
         bundle = load_bundle(bundle_dir)
     except BundleError as exc:
         raise PipelineError(f"model bundle unusable: {exc}") from exc
-    clinical = ctx.clinical_loader() if ctx.clinical_loader is not None else None
+    clinical = (
+        ctx.clinical_loader(headers=volume.headers) if ctx.clinical_loader is not None else None
+    )
     ctx.progress("segmenting")
     try:
         findings = analyse(
@@ -178,7 +181,7 @@ def hpb_ct_mr(ctx: JobContext) -> PipelineResult:
         from models.labs import ClinicalContext
 
         clinical = ClinicalContext()
-    findings = with_diagnoses_and_report(findings, clinical)
+    findings = with_diagnoses_and_report(findings, clinical, modality=volume.modality)
     ctx.progress("writing DICOM outputs")
     from pydicom import dcmread
 

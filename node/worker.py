@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Mapping
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import pipelines, queue
-from node.db import Instance, Job, OutboxItem, OutboxState, Series, audit, utcnow
+from node.db import Instance, Job, OutboxItem, OutboxState, Series, Study, audit, utcnow
 from node.errors import NodeError, PipelineError, QueueError
 from node.settings import Settings
 from node.spool import Spool
@@ -64,45 +65,37 @@ def dataset_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _demographics(path: Path | None, study_date: str) -> tuple[int | None, str | None]:
-    """Age and sex from the first instance's header (never logged)."""
+def _header_values(path: Path | None) -> dict[str, Any]:
+    """The first instance's StudyDate/Time, age, birth date and sex (never logged)."""
     if path is None:
-        return None, None
+        return {}
     from pydicom import dcmread
 
-    from models.labs import age_from_dicom, sex_from_dicom
-
     ds = dcmread(path, stop_before_pixels=True)
-    age = age_from_dicom(
-        str(ds.get("PatientAge", "") or ""), str(ds.get("PatientBirthDate", "") or ""), study_date
-    )
-    return age, sex_from_dicom(str(ds.get("PatientSex", "") or ""))
+    keys = ("StudyDate", "StudyTime", "PatientAge", "PatientBirthDate", "PatientSex")
+    return {k: str(ds.get(k, "") or "") for k in keys}
 
 
 def _clinical_loader(
     sessions: sessionmaker[Session], settings: Settings, study: dict[str, Any]
 ) -> Any:
-    def load() -> Any:
+    def load(headers: Mapping[str, Any] | None = None) -> Any:
+        """``headers``: the loaded volume's DICOM headers (StudyTime, age, sex);
+        without them the first instance's header is read."""
         try:
-            from node.clinical.linking import StudyKey, clinical_context
+            from node.clinical.linking import context_for_study
 
-            age, sex = _demographics(study.get("first_file"), study.get("study_date", ""))
-            key = StudyKey(
-                patient_id=study.get("patient_id", ""),
-                issuer=study.get("issuer", ""),
-                accession_number=study.get("accession_number", ""),
-                study_date=study.get("study_date", ""),
-                age=age,
-                sex=sex,
-            )
+            if headers is None:
+                headers = _header_values(study.get("first_file"))
             with sessions() as session:
-                return clinical_context(
-                    session,
-                    key,
-                    days_before=settings.clinical.days_before,
-                    hours_after=settings.clinical.hours_after,
-                    allow_missing_issuer=settings.clinical.allow_missing_issuer,
-                )
+                row = session.get(Study, study["study_id"])
+                if row is None:
+                    raise QueueError(f"study {study['study_id']} not found")
+                ctx, problems = context_for_study(session, row, settings.clinical, headers=headers)
+                session.commit()  # FHIR results are stored
+            for problem in problems:
+                log.warning("clinical context: %s", problem)
+            return ctx
         except Exception as exc:  # clinical data is optional: the model runs without it
             log.warning("clinical context unavailable: %s", exc)
             return None
@@ -133,6 +126,7 @@ def run_one(
             )
         ]
         study: dict[str, Any] = {
+            "study_id": series.study.id,
             "patient_id": series.study.patient_id,
             "issuer": series.study.issuer_of_patient_id,
             "accession_number": series.study.accession_number,
