@@ -4,7 +4,9 @@
 node's application includes. Every route under ``/api`` needs a bearer token
 (``Authorization: Bearer <token>``): a ``viewer`` token reads, an ``admin``
 token is required for every route that changes something (401 without a
-token or with an unknown one, 403 with a viewer token). ``/api/health`` and
+token or with an unknown one, 403 with a viewer token); an ``ingest`` token,
+made for STOW-RS (``node.app``), gets 403 everywhere here but ``/api/whoami``
+(the roles and their dependencies are in ``node.auth``). ``/api/health`` and
 ``/metrics`` are open (they carry no patient data); ``/ui`` is a small page
 listing jobs that asks for a token in the browser.
 
@@ -22,7 +24,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.responses import HTMLResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -367,7 +368,6 @@ def health(session: Session, settings: Settings) -> dict[str, Any]:
 def admin_router(sessions: sessionmaker[Any], settings: Settings) -> APIRouter:
     """The admin API, health, metrics and job page for ``sessions`` (node database)."""
     router = APIRouter()
-    bearer = HTTPBearer(auto_error=False)
     registry = metrics_registry(sessions)
 
     def db() -> Iterator[Session]:
@@ -376,28 +376,12 @@ def admin_router(sessions: sessionmaker[Any], settings: Settings) -> APIRouter:
 
     DB = Annotated[Session, Depends(db)]
 
-    def principal(
-        session: DB,
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> auth.Principal:
-        who = None
-        if creds is not None and creds.scheme.lower() == "bearer":
-            who = auth.resolve_token(session, creds.credentials, settings.http.admin_token)
-        if who is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "a valid API token is required (Authorization: Bearer <token>)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return who
-
-    def admin(who: Annotated[auth.Principal, Depends(principal)]) -> auth.Principal:
-        if not who.is_admin:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "this action needs an admin token")
-        return who
-
-    Viewer = Annotated[auth.Principal, Depends(principal)]
-    Admin = Annotated[auth.Principal, Depends(admin)]
+    principal = auth.bearer_principal(sessions, settings.http.admin_token)
+    Anyone = Annotated[auth.Principal, Depends(principal)]
+    Viewer = Annotated[auth.Principal, Depends(auth.require(principal, auth.READ_ROLES, "reading"))]
+    Admin = Annotated[
+        auth.Principal, Depends(auth.require(principal, auth.ADMIN_ROLES, "this action"))
+    ]
 
     def commit(session: Session, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` and commit; map node errors to HTTP answers."""
@@ -431,7 +415,7 @@ def admin_router(sessions: sessionmaker[Any], settings: Settings) -> APIRouter:
         return HTMLResponse(UI_HTML)
 
     @router.get("/api/whoami", tags=["tokens"])
-    def whoami(who: Viewer) -> dict[str, str]:
+    def whoami(who: Anyone) -> dict[str, str]:
         return {"name": who.name, "role": who.role.value}
 
     # rules

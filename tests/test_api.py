@@ -160,16 +160,19 @@ def test_openapi_every_mutating_route_needs_an_admin_token(
     assert "DELETE /api/rules/{name}" in checked
 
 
-# Ingest, not administration: STOW-RS takes instances from the PACS like C-STORE
-# does (conformance statement, "Security"); it is the only mutating route of the
-# node's application without an admin token.
-INGEST_ROUTES = {("post", "/dicom-web/studies"), ("post", "/dicom-web/studies/{study}")}
+# STOW-RS stores instances: an ``ingest`` or ``admin`` token may, a viewer may not.
+STOW_ROUTES = {("post", "/dicom-web/studies"), ("post", "/dicom-web/studies/{study}")}
 
 
-def test_node_app_openapi_every_mutating_route_needs_an_admin_token(
+def test_node_app_openapi_every_mutating_route_needs_a_token_and_a_role(
     sessions: sessionmaker[Session], settings: Settings
 ) -> None:
-    """The same walk over the node's whole application (node.app.create_app)."""
+    """The same walk over the node's whole application (node.app.create_app), STOW-RS included.
+
+    Every mutating route: 401 without a token or with an unknown one, 403 with a
+    viewer token. An ingest token gets 403 on the admin API (reads included) and
+    passes the token check of STOW-RS only.
+    """
     from node.app import create_app
     from node.ingest import Store
 
@@ -177,18 +180,32 @@ def test_node_app_openapi_every_mutating_route_needs_an_admin_token(
     with serve(app) as c:
         with sessions() as s:
             viewer = auth.create_token(s, "victor", "viewer", "test")
+            ingest = auth.create_token(s, "orthanc", "ingest", "test")
             s.commit()
         doc = c.get("/openapi.json").json()
         mutating = [(m, p) for p, ops in doc["paths"].items() for m in ops if m in MUTATING]
         assert ("post", "/api/rules") in mutating
+        assert {(m, p) for m, p in mutating if p.startswith("/dicom-web/")} == STOW_ROUTES
         for method, path in mutating:
-            if (method, path) in INGEST_ROUTES:
-                continue
-            url = fill_path(path)
+            url = fill_path(path).replace("{study}", "1.2.3")
             assert c.request(method, url, json={}).status_code == 401, f"{method} {path}"
+            r = c.request(method, url, json={}, headers=bearer("not-a-token"))
+            assert r.status_code == 401, f"{method} {path}"
             r = c.request(method, url, json={}, headers=bearer(viewer))
             assert r.status_code == 403, f"{method} {path}"
-        assert {(m, p) for m, p in mutating if p.startswith("/dicom-web/")} == INGEST_ROUTES
+            r = c.request(method, url, json={}, headers=bearer(ingest))
+            if (method, path) in STOW_ROUTES:
+                # past the token check: a JSON body is not multipart/related
+                assert r.status_code == 415, f"{method} {path}: {r.text}"
+            else:
+                assert r.status_code == 403, f"{method} {path}"
+        reads = [p for p, ops in doc["paths"].items() if "get" in ops and p.startswith("/api/")]
+        for path in reads:
+            if path in ("/api/health", "/api/whoami"):
+                continue
+            r = c.get(fill_path(path), headers=bearer(ingest))
+            assert r.status_code == 403, f"GET {path} with an ingest token"
+        assert "/api/jobs" in reads and "/api/audit" in reads
 
 
 def test_tokens_are_stored_hashed_and_roles_enforced(

@@ -1,4 +1,9 @@
-"""STOW-RS: multipart/related uploads through the same Store as C-STORE."""
+"""STOW-RS: multipart/related uploads through the same Store as C-STORE.
+
+The router is served with the node's token check (``node.auth``), and clients
+send an ``ingest`` token; the node's whole application (``node.app``) answers
+401 without a token, 403 with a viewer token and stores nothing for either.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import select
 
+from node import auth
 from node.db import Instance, Rejection
 from node.stow import split_multipart, stow_router
 from tests.conftest import free_port
@@ -43,14 +49,37 @@ def post(
         "content_type", f'multipart/related; type="application/dicom"; boundary={boundary}'
     )
     body = multipart(parts, boundary, kw.get("part_type", "application/dicom"))
-    return client.post(url, content=body, headers={"Content-Type": ctype})
+    headers = {"Content-Type": ctype}
+    if kw.get("token"):  # else the client's own Authorization header, if any
+        headers["Authorization"] = f"Bearer {kw['token']}"
+    return client.post(url, content=body, headers=headers)
+
+
+def ingest_token(node: IngestNode, name: str = "pacs", role: str = "ingest") -> str:
+    """A stored token of ``role`` in the node's database."""
+    with node.sessions() as s:
+        token = auth.create_token(s, name, role, "test")
+        s.commit()
+    return token
 
 
 @contextmanager
 def serve_app(node: IngestNode, max_body_bytes: int | None = None) -> Iterator[httpx.Client]:
-    """The STOW router on a real uvicorn server on a free port, and a client for it."""
+    """The STOW router with the token check on a real uvicorn server; a client with a token."""
+    principal = auth.bearer_principal(node.sessions)
+    may_store = auth.require(principal, auth.STORE_ROLES, "storing instances")
     app = FastAPI()
-    app.include_router(stow_router(node.store, max_body_bytes=max_body_bytes))
+    app.include_router(
+        stow_router(node.store, dependencies=[Depends(may_store)], max_body_bytes=max_body_bytes)
+    )
+    headers = {"Authorization": f"Bearer {ingest_token(node)}"}
+    with serve(app, headers) as client:
+        yield client
+
+
+@contextmanager
+def serve(app: FastAPI, headers: dict[str, str] | None = None) -> Iterator[httpx.Client]:
+    """``app`` on a real uvicorn server on a free port, and a client for it."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
@@ -62,7 +91,9 @@ def serve_app(node: IngestNode, max_body_bytes: int | None = None) -> Iterator[h
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60
+        ) as client:
             yield client
     finally:
         server.should_exit = True
@@ -162,3 +193,36 @@ def test_stow_body_over_the_limit_is_refused(tmp_path: Path) -> None:
         assert response.status_code == 413
         assert node.instance_count() == 0
         assert "exceeds 1000" in node.rejections()[-1].reason
+
+
+def test_stow_on_the_node_app_needs_a_token_that_may_store(tmp_path: Path) -> None:
+    """node.app: 401 without or with an unknown token, 403 for a viewer, 200 for ingest/admin."""
+    from node.app import create_app
+
+    with running_node(tmp_path) as node:
+        app = create_app(node.settings, node.sessions, node.store)
+        viewer = ingest_token(node, "victor", "viewer")
+        admin = ingest_token(node, "alice", "admin")
+        ingest = ingest_token(node, "orthanc", "ingest")
+        files = ct_series(tmp_path / "a", n=3, seed="stow-auth")
+        with serve(app) as client:
+            refused = [
+                post(client, [files[0].read_bytes()], token=token) for token in ("", "nope", viewer)
+            ]
+            assert [r.status_code for r in refused] == [401, 401, 403]
+            assert refused[0].headers["www-authenticate"] == "Bearer"
+            assert "ingest" in refused[2].json()["detail"]
+            assert node.instance_count() == 0 and node.spool_files() == []
+            assert post(client, [files[0].read_bytes()], token=ingest).status_code == 200
+            assert post(client, [files[1].read_bytes()], token=admin).status_code == 200
+            # an ingest token stores and reads nothing of the admin API
+            h = {"Authorization": f"Bearer {ingest}"}
+            assert client.get("/api/jobs", headers=h).status_code == 403
+            assert client.get("/api/whoami", headers=h).json() == {
+                "name": "orthanc",
+                "role": "ingest",
+            }
+        assert node.instance_count() == 2
+        with node.sessions() as s:
+            stored = {i.sop_instance_uid for i in s.scalars(select(Instance))}
+        assert stored == {str(dcmread(f).SOPInstanceUID) for f in files[:2]}
