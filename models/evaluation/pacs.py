@@ -1,16 +1,24 @@
 """Reading a model's results (SEG, SR) and their studies back from a PACS: DICOMweb
-(QIDO-RS + WADO-RS) or DIMSE C-GET.
+(QIDO-RS + WADO-RS), DIMSE C-GET or DIMSE C-MOVE.
 
 QIDO-RS finds the series of each study; WADO-RS retrieves every instance as
-``application/dicom``. Files are laid out as an evaluation results folder
+``application/dicom``. C-GET receives the instances on its own association;
+C-MOVE asks the PACS to send them to a temporary Storage SCP of ours
+(:func:`cmove_results`). Files are laid out as an evaluation results folder
 (:mod:`models.evaluation.dataset`): SEGs under ``masks/<case>/``, SRs under
 ``sr/<case>/``, image series under ``images/<case>/``.
+
+Every failure (an unreachable PACS, a refused association, a failed retrieve,
+an instance that did not arrive) is a :class:`PacsFetchError` naming the study.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,7 @@ class FetchedStudy:
     n_seg: int
     n_sr: int
     n_image: int
+    n_other: int = 0  # e.g. encapsulated PDF (C-MOVE: every instance of the study arrives)
 
 
 def _multipart_parts(content_type: str, body: bytes) -> list[bytes]:
@@ -253,3 +262,356 @@ def cget_results(
             )
         )
     return fetched
+
+
+# ---------------------------------------------------------------------------
+# DIMSE C-MOVE
+
+# C-MOVE (PS3.4 C.4.2.1.5) and C-STORE (PS3.4 B.2.3) statuses used here
+MOVE_SUCCESS = 0x0000
+MOVE_PENDING = 0xFF00
+MOVE_SUBOPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
+MOVE_DESTINATION_UNKNOWN = 0xA801
+STORE_SUCCESS = 0x0000
+STORE_OUT_OF_RESOURCES = 0xA700
+STORE_CANNOT_UNDERSTAND = 0xC000
+STORE_NOT_REQUESTED = 0xC001  # an instance of no study being moved
+
+#: What the temporary Storage SCP accepts.
+MOVE_STORAGE_CLASSES: tuple[str, ...] = (
+    pydicom.uid.CTImageStorage,
+    pydicom.uid.EnhancedCTImageStorage,
+    pydicom.uid.MRImageStorage,
+    pydicom.uid.EnhancedMRImageStorage,
+    pydicom.uid.UltrasoundImageStorage,
+    pydicom.uid.UltrasoundMultiFrameImageStorage,
+    pydicom.uid.EnhancedUSVolumeStorage,
+    pydicom.uid.SegmentationStorage,
+    pydicom.uid.ParametricMapStorage,
+    pydicom.uid.BasicTextSRStorage,
+    pydicom.uid.EnhancedSRStorage,
+    pydicom.uid.ComprehensiveSRStorage,
+    pydicom.uid.Comprehensive3DSRStorage,
+    pydicom.uid.EncapsulatedPDFStorage,
+)
+MOVE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    pydicom.uid.ImplicitVRLittleEndian,
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.DeflatedExplicitVRLittleEndian,
+    pydicom.uid.ExplicitVRBigEndian,
+    pydicom.uid.JPEGBaseline8Bit,
+    pydicom.uid.JPEGExtended12Bit,
+    pydicom.uid.JPEGLossless,
+    pydicom.uid.JPEGLosslessSV1,
+    pydicom.uid.JPEGLSLossless,
+    pydicom.uid.JPEGLSNearLossless,
+    pydicom.uid.JPEG2000Lossless,
+    pydicom.uid.JPEG2000,
+    pydicom.uid.RLELossless,
+)
+IMAGE_MODALITIES = frozenset({"CT", "MR", "US"})
+
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # default character repertoire, no "\"
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+@dataclass(frozen=True)
+class MoveDestination:
+    """Our temporary Storage SCP for C-MOVE: its AE title (also the move destination,
+    so the PACS must know it as a DICOM modality at ``host:port``) and where it listens.
+    Port 0 takes a free port when the SCP starts (the PACS must then learn it at run
+    time, e.g. Orthanc's ``PUT /modalities/{id}``)."""
+
+    ae_title: str = "HPBEVAL"
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if not _AE_TITLE.fullmatch(self.ae_title) or not self.ae_title.strip():
+            raise PacsFetchError(
+                f"move destination AE title {self.ae_title!r}: 1 to 16 printable characters, "
+                "not only spaces, no backslash"
+            )
+        if not 0 <= self.port <= 65535:
+            raise PacsFetchError(f"move destination port {self.port}: must be 0 to 65535")
+
+
+class _MoveSink:
+    """Where the instances of the study being moved go; bound to the C-STORE handler,
+    which runs on the SCP's thread."""
+
+    def __init__(self, dest: Path, images: bool) -> None:
+        self.dest = dest
+        self.images = images
+        self.lock = threading.Lock()
+        self.case_id = ""
+        self.study_uid = ""
+        self.counts: dict[str, int] = {}
+        self.errors: list[str] = []
+
+    def expect(self, case_id: str, study_uid: str) -> None:
+        with self.lock:
+            self.case_id, self.study_uid = case_id, study_uid
+            self.counts = {SEG_MODALITY: 0, SR_MODALITY: 0, "image": 0, "other": 0, "skipped": 0}
+            self.errors = []
+
+    def done(self) -> tuple[dict[str, int], list[str]]:
+        with self.lock:
+            counts, errors = dict(self.counts), list(self.errors)
+            self.case_id = self.study_uid = ""
+        return counts, errors
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` through a hidden temporary file in the same folder and a rename:
+    a reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _handle_store(event: Any, sink: _MoveSink) -> int:
+    """C-STORE sent by the PACS for a C-MOVE: check the instance belongs to the study
+    being moved, write it as received (the PACS's encoding, not re-encoded) under the
+    case's folder, count it, answer a status."""
+    try:
+        ds = event.dataset
+        study_uid = str(ds.StudyInstanceUID)
+        sop_uid = str(ds.SOPInstanceUID)
+        modality = str(ds.get("Modality", ""))
+    except Exception as exc:  # pydicom raises several types for an undecodable dataset
+        log.warning("C-STORE refused: the dataset cannot be read: %s", exc)
+        return STORE_CANNOT_UNDERSTAND
+    with sink.lock:
+        case = sink.case_id
+        if not case or study_uid != sink.study_uid or not _UID.fullmatch(sop_uid):
+            log.warning("C-STORE refused: instance %s is not of the study being moved", sop_uid)
+            return STORE_NOT_REQUESTED
+    folder: Path | None
+    if modality == SEG_MODALITY:
+        kind, folder = SEG_MODALITY, sink.dest / "masks" / case
+    elif modality == SR_MODALITY:
+        kind, folder = SR_MODALITY, sink.dest / "sr" / case
+    elif modality in IMAGE_MODALITIES:
+        kind, folder = ("image", sink.dest / "images" / case) if sink.images else ("skipped", None)
+    else:
+        kind, folder = "other", sink.dest / "other" / case
+    if folder is not None:
+        try:
+            _write_atomically(folder / f"{sop_uid}.dcm", event.encoded_dataset())
+        except OSError as exc:
+            log.error("C-STORE of instance %s: cannot write it: %s", sop_uid, exc)
+            with sink.lock:
+                sink.errors.append(f"instance {sop_uid}: {exc}")
+            return STORE_OUT_OF_RESOURCES
+    with sink.lock:
+        sink.counts[kind] += 1
+    return STORE_SUCCESS
+
+
+def _status_text(code: int) -> str:
+    from pynetdicom.status import QR_MOVE_SERVICE_CLASS_STATUS, code_to_category
+
+    category, text = QR_MOVE_SERVICE_CLASS_STATUS.get(code, (code_to_category(code), ""))
+    return f"status 0x{code:04X} ({category}{': ' + text if text else ''})"
+
+
+class MoveReceiver:
+    """A Storage SCP that runs while the ``with`` block does, and the C-MOVE SCU that
+    asks the PACS to send studies to it (Study Root, STUDY level)::
+
+        with MoveReceiver(MoveDestination("HPBEVAL", "127.0.0.1", 11113), dest) as rx:
+            rx.move(peer, "case1", study_uid)      # -> FetchedStudy
+
+    Every failure is a :class:`PacsFetchError` naming the study."""
+
+    def __init__(
+        self,
+        destination: MoveDestination,
+        dest: Path,
+        *,
+        images: bool = True,
+        timeout: float = 60.0,
+    ) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+
+        self.destination = destination
+        self._model = StudyRootQueryRetrieveInformationModelMove
+        self._sink = _MoveSink(Path(dest), images)
+        self._ae = AE(ae_title=destination.ae_title)
+        self._ae.acse_timeout = self._ae.dimse_timeout = self._ae.network_timeout = timeout
+        for uid in MOVE_STORAGE_CLASSES:
+            self._ae.add_supported_context(uid, list(MOVE_TRANSFER_SYNTAXES))
+        self._ae.add_requested_context(self._model)
+        self._server: Any = None
+        self._timeout = timeout
+        self.port = destination.port
+
+    def __enter__(self) -> MoveReceiver:
+        from pynetdicom import evt
+
+        where = f"{self.destination.host}:{self.destination.port}"
+        try:
+            self._server = self._ae.start_server(
+                (self.destination.host, self.destination.port),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, _handle_store, [self._sink])],
+            )
+        except OSError as exc:
+            raise PacsFetchError(
+                f"cannot listen at {where} as {self.destination.ae_title} for C-MOVE: {exc}"
+            ) from exc
+        self.port = int(self._server.server_address[1])
+        log.info(
+            "storage SCP %s listening on %s:%d for C-MOVE",
+            self.destination.ae_title,
+            self.destination.host,
+            self.port,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._ae.shutdown()
+
+    def move(self, peer: DimsePeer, case_id: str, study_uid: str) -> FetchedStudy:
+        """C-MOVE one study to this SCP; return what arrived, laid out by modality."""
+        if self._server is None:
+            raise PacsFetchError("MoveReceiver.move() outside its with block (SCP not running)")
+        where = f"study {study_uid} (case {case_id})"
+        self._sink.expect(case_id, study_uid)
+        final: pydicom.Dataset | None = None
+        pacs = f"{peer.ae_title} at {peer.host}:{peer.port}"
+        try:
+            try:  # a plain TCP probe first: a clear reason, and no socket left by pynetdicom
+                socket.create_connection((peer.host, peer.port), timeout=self._timeout).close()
+            except OSError as exc:
+                raise PacsFetchError(
+                    f"C-MOVE of {where}: cannot connect to {pacs}: {exc.strerror or exc}"
+                ) from exc
+            assoc = self._ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+            if not assoc.is_established:
+                how = "rejected" if assoc.is_rejected else "did not accept"
+                raise PacsFetchError(
+                    f"C-MOVE of {where}: {pacs} {how} the association "
+                    f"(does it allow C-MOVE from AE title {self.destination.ae_title}?)"
+                )
+            query = pydicom.Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = study_uid
+            try:
+                for status, _ in assoc.send_c_move(query, self.destination.ae_title, self._model):
+                    if status is not None and "Status" in status:
+                        final = status
+            except (ValueError, RuntimeError) as exc:  # pynetdicom: request not sendable
+                raise PacsFetchError(f"C-MOVE of {where} could not be sent: {exc}") from exc
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        finally:
+            counts, errors = self._sink.done()
+        return self._checked(peer, case_id, study_uid, final, counts, errors)
+
+    def _checked(
+        self,
+        peer: DimsePeer,
+        case_id: str,
+        study_uid: str,
+        final: pydicom.Dataset | None,
+        counts: dict[str, int],
+        errors: list[str],
+    ) -> FetchedStudy:
+        where = f"study {study_uid} (case {case_id})"
+        if final is None or int(final.Status) == MOVE_PENDING:
+            d = self.destination
+            raise PacsFetchError(
+                f"C-MOVE of {where}: no final answer from {peer.ae_title} (association "
+                f"aborted or timed out); does the PACS know AE title {d.ae_title} as a DICOM "
+                f"modality allowed to C-MOVE, at host {d.host}, port {self.port}?"
+            )
+        code = int(final.Status)
+        completed, failed, warned = (
+            int(final.get(k) or 0)
+            for k in (
+                "NumberOfCompletedSuboperations",
+                "NumberOfFailedSuboperations",
+                "NumberOfWarningSuboperations",
+            )
+        )
+        subops = f"{completed} sub-operations completed, {failed} failed, {warned} with a warning"
+        if code == MOVE_DESTINATION_UNKNOWN:
+            d = self.destination
+            raise PacsFetchError(
+                f"C-MOVE of {where}: {peer.ae_title} does not know the move destination "
+                f"{d.ae_title!r}; declare it on the PACS as a DICOM modality "
+                f"(AE title {d.ae_title}, host {d.host}, port {self.port})"
+            )
+        if code not in (MOVE_SUCCESS, MOVE_SUBOPERATIONS_FAILED):
+            d = self.destination
+            hint = (
+                "; the PACS's log says why: often a study it does not hold, or a move "
+                f"destination it does not know (declare AE title {d.ae_title}, host {d.host}, "
+                f"port {self.port} as a DICOM modality)"
+                if completed == 0
+                else ""
+            )
+            raise PacsFetchError(f"C-MOVE of {where} failed: {_status_text(code)}; {subops}{hint}")
+        if failed or warned or code == MOVE_SUBOPERATIONS_FAILED or errors:
+            detail = f"; here: {'; '.join(errors[:3])}" if errors else ""
+            raise PacsFetchError(
+                f"C-MOVE of {where} incomplete: {_status_text(code)}; {subops}{detail}"
+            )
+        received = sum(counts.values())
+        if received == 0:
+            raise PacsFetchError(
+                f"C-MOVE of {where}: {peer.ae_title} sent no instance "
+                f"({_status_text(code)}; {subops}); does the PACS hold this study?"
+            )
+        if received < completed:
+            raise PacsFetchError(
+                f"C-MOVE of {where}: {peer.ae_title} reports {completed} instances sent, "
+                f"{received} arrived"
+            )
+        log.info(
+            "C-MOVE case %s: %d SEG, %d SR, %d image, %d other instances",
+            case_id,
+            counts[SEG_MODALITY],
+            counts[SR_MODALITY],
+            counts["image"],
+            counts["other"],
+        )
+        return FetchedStudy(
+            case_id,
+            study_uid,
+            counts[SEG_MODALITY],
+            counts[SR_MODALITY],
+            counts["image"],
+            counts["other"],
+        )
+
+
+def cmove_results(
+    peer: DimsePeer,
+    studies: dict[str, str],
+    dest: Path,
+    *,
+    destination: MoveDestination,
+    images: bool = True,
+    timeout: float = 60.0,
+) -> list[FetchedStudy]:
+    """Fetch each study (``case_id -> StudyInstanceUID``) with C-MOVE into an evaluation
+    results folder ``dest``: a Storage SCP (:class:`MoveReceiver`) runs for the call,
+    the PACS sends each study to it, instances are written atomically by modality
+    (SEG ``masks/<case>/``, SR ``sr/<case>/``, CT/MR/US ``images/<case>/``, anything
+    else ``other/<case>/``)."""
+    with MoveReceiver(destination, dest, images=images, timeout=timeout) as rx:
+        return [rx.move(peer, case_id, uid) for case_id, uid in studies.items()]
