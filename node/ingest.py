@@ -84,7 +84,7 @@ from node.registry import (
     STATUS_TOO_LARGE,
     STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED,
     InstanceHeader,
-    find_instance,
+    find_stored,
     parse_instance,
     reconcile_spool,
     record_instance,
@@ -318,7 +318,7 @@ class Store:
     ) -> Outcome:
         sop = header.sop_instance_uid
         with self.sessions.begin() as session:
-            existing = find_instance(session, sop)
+            existing = find_stored(session, sop)
             if existing is not None and self.spool.exists(existing.path):
                 if existing.sha256 == header.sha256:
                     log.info("instance %s from %s already stored (identical)", sop, calling_ae)

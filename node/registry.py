@@ -25,8 +25,7 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select, update
-from sqlalchemy.engine import CursorResult
+from sqlalchemy import Connection, Table, bindparam, case, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Instance, Rejection, Series, SeriesState, Study, utcnow
@@ -275,6 +274,49 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
 
 
 # -- database rows ------------------------------------------------------------
+#
+# Written with SQLAlchemy Core on the session's connection: one instance costs
+# a handful of indexed statements and no ORM unit of work (which cost several
+# milliseconds per instance, inside every C-STORE round trip).
+
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+# built once: executing a prepared statement skips SQLAlchemy's per-call construction
+_INSTANCE_BY_UID = select(_INSTANCES.c.id, _INSTANCES.c.path, _INSTANCES.c.sha256).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("b_sop")
+)
+_SERIES_BY_UID = (
+    select(
+        _SERIES.c.id,
+        _SERIES.c.study_id,
+        _SERIES.c.generation,
+        _SERIES.c.rows,
+        _SERIES.c.columns,
+        _SERIES.c.ingest_issues,
+        _STUDIES.c.study_instance_uid,
+    )
+    .join(_STUDIES, _SERIES.c.study_id == _STUDIES.c.id)
+    .where(_SERIES.c.series_instance_uid == bindparam("b_series"))
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
+_CLOSED = _SERIES.c.state.in_([SeriesState.COMPLETE, SeriesState.PURGED])
+# One statement per instance: count it, touch the series and, for a late instance,
+# set a COMPLETE/PURGED series back to RECEIVING with generation + 1. SET
+# expressions read the row as it was, and the UPDATE takes the row lock, so two
+# late instances (or a stability sweep committing meanwhile) re-open it once.
+_TOUCH_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("b_id"))
+    .values(
+        instance_count=_SERIES.c.instance_count + bindparam("b_added"),
+        last_received_at=bindparam("b_now"),
+        state=SeriesState.RECEIVING,
+        generation=case((_CLOSED, _SERIES.c.generation + 1), else_=_SERIES.c.generation),
+        completed_at=case((_CLOSED, None), else_=_SERIES.c.completed_at),
+    )
+    .returning(_SERIES.c.generation)
+)
 
 
 @dataclass(frozen=True)
@@ -284,36 +326,53 @@ class Recorded:
     reopened: bool  # a late instance set a COMPLETE/PURGED series back to RECEIVING
 
 
+@dataclass(frozen=True)
+class StoredInstance:
+    """The columns of an Instance row that de-duplication needs."""
+
+    id: int
+    path: str
+    sha256: str
+
+
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def _series_issue(series: Series, issue: str) -> None:
-    lines = [line for line in series.ingest_issues.splitlines() if line]
+def find_stored(session: Session, sop_instance_uid: str) -> StoredInstance | None:
+    """The row of ``sop_instance_uid`` (id, path, sha256) without loading an ORM object."""
+    row = session.connection().execute(_INSTANCE_BY_UID, {"b_sop": sop_instance_uid}).first()
+    return StoredInstance(row.id, row.path, row.sha256) if row is not None else None
+
+
+def _with_issue(issues: str, issue: str) -> str:
+    lines = [line for line in issues.splitlines() if line]
     if issue not in lines and len(lines) < 20:
         lines.append(issue)
-        series.ingest_issues = "\n".join(lines)
+    return "\n".join(lines)
 
 
-def _reopen(session: Session, series: Series) -> bool:
-    """Set a COMPLETE/PURGED series back to RECEIVING with generation + 1, atomically.
-
-    One conditional UPDATE, so two late instances arriving together (or a
-    stability sweep committing meanwhile) re-open it exactly once.
-    """
-    if series.state not in (SeriesState.COMPLETE, SeriesState.PURGED):
-        return False
-    result = session.execute(
-        update(Series)
-        .where(
-            Series.id == series.id,
-            Series.state.in_([SeriesState.COMPLETE, SeriesState.PURGED]),
-        )
-        .values(state=SeriesState.RECEIVING, generation=Series.generation + 1, completed_at=None)
-        .execution_options(synchronize_session=False)
+def _study_id(conn: Connection, header: InstanceHeader, now: datetime) -> int:
+    found = conn.scalar(
+        select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == header.study_uid)
     )
-    session.expire(series, ["state", "generation", "completed_at"])
-    return bool(cast(CursorResult[Any], result).rowcount)
+    if found is not None:
+        return int(found)
+    return int(
+        conn.execute(
+            insert(_STUDIES)
+            .values(
+                study_instance_uid=header.study_uid,
+                patient_id=header.patient_id,
+                issuer_of_patient_id=header.issuer_of_patient_id,
+                accession_number=header.accession_number,
+                study_date=header.study_date,
+                study_description=header.study_description,
+                created_at=now,
+            )
+            .returning(_STUDIES.c.id)
+        ).scalar_one()
+    )
 
 
 def record_instance(
@@ -323,114 +382,106 @@ def record_instance(
     calling_ae: str,
     *,
     now: datetime | None = None,
-    existing: Instance | Literal[False] | None = False,
+    existing: Instance | StoredInstance | Literal[False] | None = False,
 ) -> Recorded:
     """Add (or, for a re-sent purged instance, refresh) the rows for one stored file.
 
     The caller commits; the file must already be written and fsynced.
-    ``existing``: the Instance row with this SOP Instance UID (or None) when the
-    caller has already looked it up; False to look it up here.
+    ``existing``: the row with this SOP Instance UID (or None) when the caller
+    has already looked it up; False to look it up here.
     """
     now = now or utcnow()
-    found = session.execute(
-        select(Series, Study.study_instance_uid)
-        .join(Study, Series.study_id == Study.id)
-        .where(Series.series_instance_uid == header.series_uid)
-    ).first()
-    series: Series | None = found[0] if found is not None else None
-    study_id: int | None = (
-        series.study_id
-        if series is not None and found is not None and found[1] == header.study_uid
-        else None
-    )
-    if study_id is None:
-        study_id = session.scalar(
-            select(Study.id).where(Study.study_instance_uid == header.study_uid)
-        )
-    if study_id is None:
-        study = Study(
-            study_instance_uid=header.study_uid,
-            patient_id=header.patient_id,
-            issuer_of_patient_id=header.issuer_of_patient_id,
-            accession_number=header.accession_number,
-            study_date=header.study_date,
-            study_description=header.study_description,
-            created_at=now,
-        )
-        session.add(study)
-        session.flush()
-        study_id = study.id
-    new_series = series is None
-    reopened = False
-    if series is None:
-        series = Series(
-            series_instance_uid=header.series_uid,
-            study_id=study_id,
-            modality=header.modality,
-            sop_class_uid=header.sop_class_uid,
-            body_part_examined=header.body_part_examined,
-            series_description=header.series_description,
-            image_type=header.image_type,
-            slice_thickness=header.slice_thickness,
-            calling_ae=calling_ae[:16],
-            instance_count=0,
-            state=SeriesState.RECEIVING,
-            generation=1,
-            first_received_at=now,
-            last_received_at=now,
-            rows=header.rows,
-            columns=header.columns,
-            ingest_issues="",
-        )
-        session.add(series)
-        session.flush()
+    conn = session.connection()
+    found = conn.execute(_SERIES_BY_UID, {"b_series": header.series_uid}).first()
+    changes: dict[str, Any] = {}
+    if found is None:
+        study_id = _study_id(conn, header, now)
+        series_id = conn.execute(
+            insert(_SERIES)
+            .returning(_SERIES.c.id)
+            .values(
+                series_instance_uid=header.series_uid,
+                study_id=study_id,
+                modality=header.modality,
+                sop_class_uid=header.sop_class_uid,
+                body_part_examined=header.body_part_examined,
+                series_description=header.series_description,
+                image_type=header.image_type,
+                slice_thickness=header.slice_thickness,
+                calling_ae=calling_ae[:16],
+                instance_count=0,
+                state=SeriesState.RECEIVING,
+                generation=1,
+                first_received_at=now,
+                last_received_at=now,
+                rows=header.rows,
+                columns=header.columns,
+                ingest_issues="",
+            )
+        ).scalar_one()
+        rows, columns, issues, generation = header.rows, header.columns, "", 1
+        new_series = True
     else:
-        reopened = _reopen(session, series)
-        if series.study_id != study_id:
-            _series_issue(series, "instances of this series name different studies")
-        if series.rows is None and header.rows is not None:
-            series.rows, series.columns = header.rows, header.columns
+        series_id, rows, columns = found.id, found.rows, found.columns
+        issues, generation, new_series = found.ingest_issues, found.generation, False
+        if found.study_instance_uid != header.study_uid:
+            study_id = _study_id(conn, header, now)
+            if found.study_id != study_id:
+                issues = _with_issue(issues, "instances of this series name different studies")
+        if rows is None and header.rows is not None:
+            rows, columns = header.rows, header.columns
+            changes.update(rows=rows, columns=columns)
     if (
         header.rows is not None
-        and series.rows is not None
-        and (header.rows, header.columns) != (series.rows, series.columns)
+        and rows is not None
+        and (header.rows, header.columns) != (rows, columns)
     ):
-        _series_issue(
-            series,
+        issues = _with_issue(
+            issues,
             f"instance {header.sop_instance_uid} is {header.rows}x{header.columns},"
-            f" the series {series.rows}x{series.columns}",
+            f" the series {rows}x{columns}",
         )
     if (
         header.sop_class_uid in _CLASSIC_CROSS_SECTIONAL
         and header.has_pixel_data
         and not header.has_position
     ):
-        _series_issue(series, f"instance {header.sop_instance_uid} lacks ImagePositionPatient")
-    if existing is False:
-        existing = find_instance(session, header.sop_instance_uid)
-    if existing is None:
-        session.add(
-            Instance(
-                sop_instance_uid=header.sop_instance_uid,
-                series_id=series.id,
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                path=str(path),
-                size_bytes=header.size,
-                sha256=header.sha256,
-                calling_ae=calling_ae[:16],
-                received_at=now,
-            )
+        issues = _with_issue(
+            issues, f"instance {header.sop_instance_uid} lacks ImagePositionPatient"
         )
-        # incremented in SQL: concurrent associations must not lose counts
-        series.instance_count = Series.instance_count + 1  # type: ignore[assignment]
+    if issues != (found.ingest_issues if found is not None else ""):
+        changes["ingest_issues"] = issues
+    if existing is False:
+        existing = find_stored(session, header.sop_instance_uid)
+    refreshed = {
+        "path": str(path),
+        "size_bytes": header.size,
+        "sha256": header.sha256,
+        "received_at": now,
+    }
+    if existing is None:
+        conn.execute(
+            _INSERT_INSTANCE,
+            {
+                "sop_instance_uid": header.sop_instance_uid,
+                "series_id": series_id,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "calling_ae": calling_ae[:16],
+                **refreshed,
+            },
+        )
     else:
-        existing.path = str(path)
-        existing.size_bytes = header.size
-        existing.sha256 = header.sha256
-        existing.received_at = now
-    series.last_received_at = now
-    return Recorded(series_id=series.id, new_series=new_series, reopened=reopened)
+        conn.execute(update(_INSTANCES).where(_INSTANCES.c.id == existing.id).values(**refreshed))
+        if isinstance(existing, Instance) and existing in session:
+            session.expire(existing)
+    # counted in SQL: concurrent associations must not lose counts
+    touched = conn.execute(
+        _TOUCH_SERIES, {"b_id": series_id, "b_added": int(existing is None), "b_now": now}
+    ).scalar_one()
+    if changes:
+        conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(**changes))
+    return Recorded(series_id=series_id, new_series=new_series, reopened=touched != generation)
 
 
 _CLASSIC_CROSS_SECTIONAL = frozenset(
