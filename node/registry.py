@@ -23,6 +23,7 @@ from typing import Any, Literal, cast
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from sqlalchemy import Connection, Table, bindparam, case, insert, select, update
@@ -125,6 +126,9 @@ def body_offset(data: bytes) -> int | None:
     return offset if offset <= len(data) else None
 
 
+_VRS_LONG_LENGTH = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_DEFER_BYTES = 4096
+
 _VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN"
     b" UR US UT UV".split()
@@ -151,11 +155,9 @@ def _check_encoding(body: bytes, transfer_syntax: UID) -> None:
 
 
 def _check_pixel_data(ds: Dataset, data: bytes, transfer_syntax: UID, sop: str) -> None:
-    elem = ds.get((0x7FE0, 0x0010))
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
     if elem is None:
         return
-    value = elem.value
-    length = len(value) if isinstance(value, bytes | bytearray) else 0
     if transfer_syntax.is_encapsulated:
         last_tag = int(max(ds.keys()))
         if last_tag == _PIXEL_DATA and not data.endswith(_SEQ_DELIMITER):
@@ -165,6 +167,12 @@ def _check_pixel_data(ds: Dataset, data: bytes, transfer_syntax: UID, sop: str) 
                 STATUS_TRUNCATED,
             )
         return
+    value = elem.value
+    if isinstance(elem, RawDataElement) and value is None and elem.length:
+        # deferred (see _DEFER_BYTES): the bytes were skipped, not read
+        length = min(elem.length, len(data) - elem.value_tell)
+    else:
+        length = len(value) if isinstance(value, bytes | bytearray) else 0
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     bits = int(ds.get("BitsAllocated", 0) or 0)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -176,6 +184,23 @@ def _check_pixel_data(ds: Dataset, data: bytes, transfer_syntax: UID, sop: str) 
             f" {expected} (file truncated)",
             STATUS_TRUNCATED,
         )
+
+
+def _meta_transfer_syntax(data: bytes, end: int) -> str:
+    """TransferSyntaxUID (0002,0010) from the file meta group (explicit VR little endian)."""
+    pos = 144  # after the preamble, "DICM" and the group length element
+    while pos + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, pos)
+        if data[pos + 4 : pos + 6] in _VRS_LONG_LENGTH:
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        if (group, element) == (0x0002, 0x0010):
+            return data[start : min(start + length, end)].decode("ascii", "replace").strip(" \x00")
+        pos = start + length
+    return ""
 
 
 def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) -> InstanceHeader:
@@ -191,11 +216,14 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
             STATUS_CANNOT_UNDERSTAND,
         )
     try:
-        meta = dcmread(BytesIO(data[:offset])).file_meta  # preamble and group 0002 only
-        transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "")).strip(" \x00"))
+        transfer_syntax = UID(_meta_transfer_syntax(data, offset))
         if transfer_syntax.is_transfer_syntax:
             _check_encoding(data[offset : offset + 8], transfer_syntax)
-        ds = dcmread(BytesIO(data), force=False)
+        # large values (pixel data) are skipped, not copied: _check_pixel_data
+        # checks their length against the bytes present. A deflated data set is
+        # read from an inflated copy, where offsets into ``data`` do not apply.
+        defer = None if transfer_syntax.is_deflated else _DEFER_BYTES
+        ds = dcmread(BytesIO(data), force=False, defer_size=defer)
         sop_class = _uid(ds, "SOPClassUID")
         sop = _uid(ds, "SOPInstanceUID")
         study = _uid(ds, "StudyInstanceUID")

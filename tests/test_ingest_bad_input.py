@@ -120,6 +120,19 @@ def test_truncated_native_file(node: IngestNode, tmp_path: Path) -> None:
     assert_still_serving(node, tmp_path)
 
 
+def test_truncated_large_pixel_data_is_measured_not_read(node: IngestNode, tmp_path: Path) -> None:
+    # 64x64x16 bit: pixel data above the parser's defer size, so its length is
+    # checked against the bytes present instead of reading the value
+    data = ct_series(tmp_path / "big", n=1, size=64, seed="big")[0].read_bytes()
+    for cut in (2, 4000, 8000):
+        outcome = node.store.accept(data[:-cut], calling_ae="TEST", channel="stow")
+        assert outcome.status == STATUS_TRUNCATED, (cut, outcome)
+        assert "truncated" in outcome.reason
+    assert node.spool_files() == []
+    assert node.store.accept(data, calling_ae="TEST", channel="stow").ok
+    assert len(node.spool_files()) == 1
+
+
 def test_truncated_encapsulated_file(node: IngestNode, tmp_path: Path) -> None:
     src = ct_series(tmp_path / "j2k", n=1, size=64, seed="j2k", transfer_syntax=JPEG2000Lossless)[0]
     cut = tmp_path / "cut.dcm"
