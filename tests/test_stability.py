@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import queue
@@ -348,3 +348,37 @@ def test_best_series_waits_for_a_quiet_study(
     (job,) = jobs(sessions)
     assert last.jobs == [job.id] and job.series_id == series_row(sessions, f"{STUDY}.2").id
     assert "is the best of the study" in series_row(sessions, f"{STUDY}.1").routing_note
+
+
+def test_a_job_taken_while_the_better_series_is_routed_stands(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """The race: a worker claims the queued job between the sweep's read and its cancel."""
+    settings = settings_for(tmp_path)
+    load(sessions, THINNEST)
+    t0 = utcnow()
+    receive(sessions, f"{STUDY}.1", 2, slice_thickness=3.0, when=t0)
+    assert len(sweep(sessions, settings, now=t0 + timedelta(seconds=35)).jobs) == 1
+    receive(sessions, f"{STUDY}.2", 2, slice_thickness=1.0, when=t0 + timedelta(seconds=100))
+    worker_engine = create_engine_for(f"sqlite:///{tmp_path / 'n.db'}")
+    worker = session_factory(worker_engine)
+    claims: list[queue.Claim | None] = []
+
+    def claim_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE jobs SET state") and not claims:
+            claims.append(queue.claim(worker, "w", 600))  # another process, its own connection
+
+    engine = sessions.kw["bind"]
+    event.listen(engine, "before_cursor_execute", claim_first)
+    try:
+        report = sweep(sessions, settings, now=t0 + timedelta(seconds=131))
+    finally:
+        event.remove(engine, "before_cursor_execute", claim_first)
+        worker_engine.dispose()
+    assert claims and claims[0] is not None
+    (job,) = jobs(sessions)
+    assert job.state == JobState.RUNNING and job.lease_owner == "w"
+    b = series_row(sessions, f"{STUDY}.2")
+    assert report.jobs == [] and report.not_selected == [b.id]
+    assert f"not selected: job {job.id} already running for series {STUDY}.1" in b.routing_note
+    assert audit_rows(sessions, "job.superseded") == []
