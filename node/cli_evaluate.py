@@ -1,10 +1,10 @@
 """``hpb-node evaluate``: the clinical study's outcome measures on a site's own data.
 
 Reads a reference set and the model's results (folders in the layout of
-``docs/evaluation.md``; results optionally fetched from the PACS over DICOMweb
-or C-GET, or computed now by running the model on the reference studies), writes
-``evaluation.json`` and ``evaluation.html`` into ``--out``, and exits 0 when
-every ``--threshold`` is met, 1 when one is not (2 on errors).
+``docs/evaluation.md``; results optionally fetched from the PACS over DICOMweb,
+C-GET or C-MOVE, or computed now by running the model on the reference
+studies), writes ``evaluation.json`` and ``evaluation.html`` into ``--out``, and
+exits 0 when every ``--threshold`` is met, 1 when one is not (2 on errors).
 """
 
 from __future__ import annotations
@@ -53,7 +53,28 @@ def register(subparsers: Any) -> None:
         metavar="HOST:PORT:AET",
         help="fetch results with DIMSE C-GET from this PACS instead of DICOMweb",
     )
-    p.add_argument("--calling-aet", default="HPBEVAL", help="our AE title for --pacs-dimse")
+    p.add_argument(
+        "--calling-aet",
+        default="HPBEVAL",
+        help="our AE title for --pacs-dimse (with --retrieve move also the move destination)",
+    )
+    p.add_argument(
+        "--retrieve",
+        choices=("get", "move"),
+        default="get",
+        help="with --pacs-dimse: C-GET (default), or C-MOVE to a storage SCP of ours",
+    )
+    p.add_argument(
+        "--move-port",
+        type=int,
+        metavar="PORT",
+        help="with --retrieve move: the port of our storage SCP (as declared on the PACS)",
+    )
+    p.add_argument(
+        "--move-host",
+        default="127.0.0.1",
+        help="with --retrieve move: the address our storage SCP listens on (default 127.0.0.1)",
+    )
     p.add_argument(
         "--study",
         action="append",

@@ -1,10 +1,10 @@
 """``hpb-node evaluate``: the clinical study's outcome measures on a site's own data.
 
 Reads a reference set and the model's results (folders in the layout of
-``docs/evaluation.md``; results optionally fetched from the PACS over DICOMweb
-or C-GET, or computed now by running the model on the reference studies), writes
-``evaluation.json`` and ``evaluation.html`` into ``--out``, and exits 0 when
-every ``--threshold`` is met, 1 when one is not (2 on errors).
+``docs/evaluation.md``; results optionally fetched from the PACS over DICOMweb,
+C-GET or C-MOVE, or computed now by running the model on the reference
+studies), writes ``evaluation.json`` and ``evaluation.html`` into ``--out``, and
+exits 0 when every ``--threshold`` is met, 1 when one is not (2 on errors).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from models.evaluation.dataset import (
 from models.evaluation.pacs import (
     DicomWebClient,
     DimsePeer,
+    MoveDestination,
     PacsFetchError,
     cget_results,
+    cmove_results,
     fetch_results,
 )
 from node.errors import ConfigError, PipelineError
@@ -167,7 +169,7 @@ def run_model(reference: EvaluationSet, bundle_path: str | None, modality: str) 
 
 
 def _fetch(args: argparse.Namespace, dest: Path, *, images: bool) -> None:
-    """Fetch each ``--study`` from the PACS (DICOMweb or C-GET) into ``dest``."""
+    """Fetch each ``--study`` from the PACS (DICOMweb, C-GET or C-MOVE) into ``dest``."""
     if not args.study:
         raise ConfigError("fetching from the PACS needs at least one --study CASE=STUDYUID")
     studies = {}
@@ -177,7 +179,11 @@ def _fetch(args: argparse.Namespace, dest: Path, *, images: bool) -> None:
             raise ConfigError(f"--study {item!r} is not CASE=STUDYUID")
         studies[case] = uid
     try:
-        if args.pacs_dimse:
+        if args.pacs_dimse and args.retrieve == "move":
+            peer = DimsePeer.parse(args.pacs_dimse)
+            ours = MoveDestination(args.calling_aet, args.move_host, args.move_port)
+            cmove_results(peer, studies, dest, destination=ours, images=images)
+        elif args.pacs_dimse:
             peer = DimsePeer.parse(args.pacs_dimse)
             cget_results(peer, studies, dest, calling_aet=args.calling_aet, images=images)
         else:
@@ -196,6 +202,13 @@ def run(args: argparse.Namespace) -> int:
     from_pacs = bool(args.pacs_url or args.pacs_dimse)
     if args.pacs_url and args.pacs_dimse:
         raise ConfigError("give --pacs-url or --pacs-dimse, not both")
+    if args.retrieve == "move" and not args.pacs_dimse:
+        raise ConfigError("--retrieve move needs --pacs-dimse HOST:PORT:AET")
+    if args.retrieve == "move" and not args.move_port:
+        raise ConfigError(
+            "--retrieve move needs --move-port: the port the PACS knows for "
+            f"AE title {args.calling_aet} (its move destination)"
+        )
     if sum((bool(args.results), from_pacs and not args.run_model, bool(args.run_model))) != 1:
         raise ConfigError(
             "give exactly one of --results, --pacs-url/--pacs-dimse (with --study), or --run-model "

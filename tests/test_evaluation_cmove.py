@@ -265,3 +265,26 @@ def test_cmove_pacs_unreachable(tmp_path: Path) -> None:
     nobody = DimsePeer("127.0.0.1", free_port(), "NOBODY")
     with pytest.raises(PacsFetchError, match=r"study 1\.2\.3 \(case c\): cannot connect to NOBODY"):
         cmove_results(nobody, {"c": "1.2.3"}, tmp_path, destination=MoveDestination(MOVE_AET))
+
+
+def test_evaluate_cli_cmove_errors(
+    pacs: OrthancProcess, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hpb-node evaluate --retrieve move``: a missing option or a move the PACS
+    refuses exits 2 with the reason on stderr."""
+    from node.cli import main
+
+    study_uid = study_uid_of(shared_data / "ct_liver_3slice/01.dcm")
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    base = ["evaluate", "--reference", str(ref), "--out", str(tmp_path / "out"),
+            "--study", f"liver3={study_uid}", "--retrieve", "move"]  # fmt: skip
+    dimse = ["--pacs-dimse", f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}"]
+    assert main([*base, "--move-port", "11113"]) == 2
+    assert "--retrieve move needs --pacs-dimse" in capsys.readouterr().err
+    assert main([*base, *dimse]) == 2
+    assert "--retrieve move needs --move-port" in capsys.readouterr().err
+    # Orthanc does not know our AE title: the C-MOVE is refused
+    assert main([*base, *dimse, "--calling-aet", MOVE_AET, "--move-port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert f"fetching from the PACS failed: C-MOVE of study {study_uid} (case liver3)" in err

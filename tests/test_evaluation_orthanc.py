@@ -1,5 +1,5 @@
-"""Results read back from a real Orthanc over DICOMweb (QIDO-RS + WADO-RS) and over
-C-GET: a SEG drawn by another tool and its TID 1500 SR, evaluated against a
+"""Results read back from a real Orthanc over DICOMweb (QIDO-RS + WADO-RS), over
+C-GET and over C-MOVE: a SEG drawn by another tool and its TID 1500 SR, evaluated against a
 reference mask."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -16,12 +17,13 @@ from models.evaluation.dataset import read_seg
 from models.evaluation.segmentation import dice, surface_metrics
 from models.nifti import save_nifti_krc
 from node.cli import main
+from tests.conftest import free_port
 from tests.support.orthanc_eval import run_orthanc
 
 pytestmark = pytest.mark.orthanc
 
 
-@pytest.mark.parametrize("transport", ["dicomweb", "cget"])
+@pytest.mark.parametrize("transport", ["dicomweb", "cget", "cmove"])
 def test_seg_and_sr_fetched_from_orthanc(shared_data: Path, tmp_path: Path, transport: str) -> None:
     src = shared_data / "ct_liver_3slice"
     sr_file = shared_data / "interop" / "tid1500" / "dcmqi_liver_result.dcm"
@@ -50,6 +52,12 @@ def test_seg_and_sr_fetched_from_orthanc(shared_data: Path, tmp_path: Path, tran
             if transport == "dicomweb"
             else ["--pacs-dimse", f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}"]
         )
+        if transport == "cmove":  # the PACS knows our storage SCP as a modality
+            move_port = free_port()
+            httpx.put(f"{pacs.url}/modalities/evaluator", timeout=30,
+                      json={"AET": "HPBEVAL", "Host": "127.0.0.1", "Port": move_port}
+                      ).raise_for_status()  # fmt: skip
+            source += ["--retrieve", "move", "--move-port", str(move_port)]
         code = main(
             [
                 "evaluate",
