@@ -33,7 +33,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ from node.registry import (
     STATUS_TOO_LARGE,
     STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED,
     InstanceHeader,
+    body_sha256,
     find_stored,
     parse_instance,
     reconcile_spool,
@@ -167,6 +169,7 @@ class Store:
         self.sop_classes = frozenset(sop_classes)
         self.transfer_syntaxes = frozenset(transfer_syntaxes)
         self._locks = [threading.Lock() for _ in range(64)]
+        self._digests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-digest")
 
     @classmethod
     def from_settings(
@@ -271,7 +274,7 @@ class Store:
                 " (settings.spool.min_free_mb)",
                 STATUS_OUT_OF_RESOURCES,
             )
-        header = parse_instance(data, image_classes=IMAGE_SOP_CLASSES)
+        header = parse_instance(data, image_classes=IMAGE_SOP_CLASSES, digest=False)
         sop = header.sop_instance_uid
         seen.update(sop_class_uid=header.sop_class_uid, sop_instance_uid=sop)
         if header.sop_class_uid not in self.sop_classes:
@@ -303,10 +306,12 @@ class Store:
                 STATUS_DOES_NOT_MATCH_SOP_CLASS,
             )
         rel = self.spool.relpath(header.study_uid, header.series_uid, sop)
+        # hashlib releases the GIL: the digest is computed while the file is written
+        digest = self._digests.submit(body_sha256, data)
         with self._locks[hash(sop) % len(self._locks)]:
             for attempt in (1, 2):
                 try:
-                    return self._write_and_record(data, header, rel, calling_ae)
+                    return self._write_and_record(data, header, digest, rel, calling_ae)
                 except IntegrityError:
                     if attempt == 2:
                         raise
@@ -314,13 +319,18 @@ class Store:
         raise AssertionError("unreachable")
 
     def _write_and_record(
-        self, data: bytes, header: InstanceHeader, rel: Path, calling_ae: str
+        self,
+        data: bytes,
+        header: InstanceHeader,
+        digest: Future[str],
+        rel: Path,
+        calling_ae: str,
     ) -> Outcome:
         sop = header.sop_instance_uid
         with self.sessions.begin() as session:
             existing = find_stored(session, sop)
             if existing is not None and self.spool.exists(existing.path):
-                if existing.sha256 == header.sha256:
+                if existing.sha256 == digest.result():
                     log.info("instance %s from %s already stored (identical)", sop, calling_ae)
                     return Outcome(STATUS_SUCCESS, "duplicate", header.sop_class_uid, sop, True)
                 raise IngestError(
@@ -328,6 +338,7 @@ class Store:
                     STATUS_DUPLICATE_CONFLICT,
                 )
             self.spool.write_atomic(rel, [data])
+            header = replace(header, sha256=digest.result())
             recorded = record_instance(session, header, rel, calling_ae, existing=existing)
         if recorded.reopened:
             log.info("late instance %s re-opened series %d", sop, recorded.series_id)

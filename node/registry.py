@@ -203,11 +203,21 @@ def _meta_transfer_syntax(data: bytes, end: int) -> str:
     return ""
 
 
-def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) -> InstanceHeader:
+def body_sha256(data: bytes) -> str:
+    """sha256 of the data set after the file meta, as sent (deflated or not)."""
+    offset = body_offset(data)
+    return hashlib.sha256(memoryview(data)[offset or 0 :]).hexdigest()
+
+
+def parse_instance(
+    data: bytes, *, image_classes: frozenset[str] = frozenset(), digest: bool = True
+) -> InstanceHeader:
     """The header of a Part 10 file in ``data``; IngestError (with the status) if unusable.
 
     Pixel data is never decoded: its presence and its length (native) or
     closing delimiter (encapsulated) are checked for classes in ``image_classes``.
+    ``digest=False`` leaves ``sha256`` empty for a caller that computes
+    :func:`body_sha256` itself (meanwhile, on another thread).
     """
     offset = body_offset(data)
     if offset is None:
@@ -288,7 +298,6 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
             raise IngestError(
                 f"instance {sop}: unusable image pixel module: {exc}", STATUS_CANNOT_UNDERSTAND
             ) from exc
-    body = memoryview(data)[offset:]  # hashed as sent (deflated or not)
     return InstanceHeader(
         sop_class_uid=sop_class,
         sop_instance_uid=sop,
@@ -296,7 +305,7 @@ def parse_instance(data: bytes, *, image_classes: frozenset[str] = frozenset()) 
         series_uid=series,
         transfer_syntax_uid=str(transfer_syntax),
         size=len(data),
-        sha256=hashlib.sha256(body).hexdigest(),
+        sha256=body_sha256(data) if digest else "",
         **fields,
     )
 
