@@ -1,6 +1,7 @@
-"""C-MOVE from a real Orthanc into the evaluator's own temporary Storage SCP
-(:mod:`models.evaluation.pacs`): instances arrive as the PACS holds them, and every
-way a move can fail is a clear :class:`PacsFetchError` naming the study.
+"""C-MOVE from real PACSs (Orthanc, and DCMTK's dcmqrscp, which reports sub-operation
+counts and 0xA801 as the standard says) into the evaluator's own temporary Storage
+SCP (:mod:`models.evaluation.pacs`): instances arrive as the PACS holds them, and
+every way a move can fail is a clear :class:`PacsFetchError` naming the study.
 
 The end-to-end ``hpb-node evaluate`` run over C-MOVE is the ``cmove`` case of
 ``tests/test_evaluation_orthanc.py``.
@@ -68,7 +69,8 @@ def test_cmove_instances_arrive_identical(
     pacs: OrthancProcess, shared_data: Path, tmp_path: Path
 ) -> None:
     """Port 0: the SCP takes a free port, Orthanc learns it over REST, then the study is
-    moved; every instance arrives with its UIDs and its dataset bytes unchanged."""
+    moved; every instance arrives with its UIDs and elements unchanged, the CT slices
+    byte for byte, and nothing else is left in the folders."""
     src = shared_data / "ct_liver_3slice"
     sr_file = shared_data / "interop/tid1500/dcmqi_liver_result.dcm"
     study_uid = study_uid_of(src / "01.dcm")
@@ -220,10 +222,34 @@ def test_cmove_failed_suboperation_is_a_clear_error(shared_data: Path, tmp_path:
     assert len(list((tmp_path / "fetched/images/liver3").glob("*.dcm"))) == 2
 
 
+def pdf_in_study_of(image: Path, out: Path) -> Path:
+    """An Encapsulated PDF instance (modality DOC) in the study of ``image``."""
+    from pydicom.dataset import FileMetaDataset
+
+    src = pydicom.dcmread(image, stop_before_pixels=True)
+    ds = pydicom.Dataset()
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyID"):
+        if keyword in src:
+            setattr(ds, keyword, src[keyword].value)
+    ds.SOPClassUID = pydicom.uid.EncapsulatedPDFStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "DOC"
+    ds.SeriesNumber = ds.InstanceNumber = 1
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
 def test_cmove_with_dcmqrscp(shared_data: Path, tmp_path: Path) -> None:
-    """The same move against a second, independent PACS implementation."""
+    """The same move against a second, independent PACS implementation; the study also
+    holds a PDF, which lands under ``other/``."""
     src = shared_data / "ct_liver_3slice"
     files = [src / n for n in STUDY_FILES]
+    files.append(pdf_in_study_of(files[0], tmp_path / "report.dcm"))
     port = free_port()
     with dcmqrscp(tmp_path / "qr", files, move_destinations={MOVE_AET: ("127.0.0.1", port)}) as qr:
         (fetched,) = cmove_results(
@@ -232,15 +258,18 @@ def test_cmove_with_dcmqrscp(shared_data: Path, tmp_path: Path) -> None:
             tmp_path / "fetched",
             destination=MoveDestination(MOVE_AET, "127.0.0.1", port),
         )
-    assert (fetched.n_seg, fetched.n_sr, fetched.n_image) == (1, 0, 3)
+    assert (fetched.n_seg, fetched.n_sr, fetched.n_image, fetched.n_other) == (1, 0, 3, 1)
     uids = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+    folders = {"SEG": "masks", "CT": "images", "DOC": "other"}
     for f in files:
         ds = pydicom.dcmread(f)
-        kind = "masks" if ds.Modality == "SEG" else "images"
-        back = pydicom.dcmread(tmp_path / "fetched" / kind / "liver3" / f"{ds.SOPInstanceUID}.dcm")
+        back = pydicom.dcmread(
+            tmp_path / "fetched" / folders[ds.Modality] / "liver3" / f"{ds.SOPInstanceUID}.dcm"
+        )
         # dcmqrscp may send in another transfer syntax (the SEG arrives implicit VR)
         assert [back[k].value for k in uids] == [ds[k].value for k in uids]
-        assert back.PixelData == ds.PixelData
+        bulk = "EncapsulatedDocument" if ds.Modality == "DOC" else "PixelData"
+        assert back[bulk].value == ds[bulk].value
 
 
 def test_cmove_port_in_use_and_bad_destination(tmp_path: Path) -> None:
