@@ -222,6 +222,32 @@ def test_cmove_failed_suboperation_is_a_clear_error(shared_data: Path, tmp_path:
     assert len(list((tmp_path / "fetched/images/liver3").glob("*.dcm"))) == 2
 
 
+def test_cmove_instance_not_written_is_a_clear_error(shared_data: Path, tmp_path: Path) -> None:
+    """The SCP cannot write what arrives (``images`` is a file, not a folder): it answers
+    "out of resources", the PACS counts failed sub-operations, and the error says why."""
+    files = [shared_data / "ct_liver_3slice" / n for n in STUDY_FILES[:2]]
+    dest = tmp_path / "fetched"
+    dest.mkdir()
+    (dest / "images").write_text("in the way")
+    port = free_port()
+    known = {MOVE_AET: ("127.0.0.1", port)}
+    with (
+        dcmqrscp(tmp_path / "qr", files, move_destinations=known) as qr,
+        pytest.raises(PacsFetchError) as err,
+    ):
+        cmove_results(
+            DimsePeer("127.0.0.1", qr.port, qr.aet),
+            {"liver3": study_uid_of(files[0])},
+            dest,
+            destination=MoveDestination(MOVE_AET, "127.0.0.1", port),
+        )
+    msg = str(err.value)
+    assert f"C-MOVE of study {study_uid_of(files[0])} (case liver3)" in msg
+    assert "0 sub-operations completed, 2 failed" in msg
+    assert "not written here: instance " in msg
+    assert not [p for p in dest.rglob("*") if p.name.endswith(".part")]
+
+
 def pdf_in_study_of(image: Path, out: Path) -> Path:
     """An Encapsulated PDF instance (modality DOC) in the study of ``image``."""
     from pydicom.dataset import FileMetaDataset

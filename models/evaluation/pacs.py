@@ -548,6 +548,8 @@ class MoveReceiver:
             )
         )
         subops = f"{completed} sub-operations completed, {failed} failed, {warned} with a warning"
+        # instances that arrived but could not be written here (disk full, permissions)
+        local = f"; not written here: {'; '.join(errors[:3])}" if errors else ""
         if code == MOVE_DESTINATION_UNKNOWN:
             d = self.destination
             raise PacsFetchError(
@@ -561,14 +563,15 @@ class MoveReceiver:
                 "; the PACS's log says why: often a study it does not hold, or a move "
                 f"destination it does not know (declare AE title {d.ae_title}, host {d.host}, "
                 f"port {self.port} as a DICOM modality)"
-                if completed == 0
+                if completed == 0 and not errors
                 else ""
             )
-            raise PacsFetchError(f"C-MOVE of {where} failed: {_status_text(code)}; {subops}{hint}")
-        if failed or warned or code == MOVE_SUBOPERATIONS_FAILED or errors:
-            detail = f"; here: {'; '.join(errors[:3])}" if errors else ""
             raise PacsFetchError(
-                f"C-MOVE of {where} incomplete: {_status_text(code)}; {subops}{detail}"
+                f"C-MOVE of {where} failed: {_status_text(code)}; {subops}{local}{hint}"
+            )
+        if failed or warned or code == MOVE_SUBOPERATIONS_FAILED or errors:
+            raise PacsFetchError(
+                f"C-MOVE of {where} incomplete: {_status_text(code)}; {subops}{local}"
             )
         received = sum(counts.values())
         if received == 0:
