@@ -290,7 +290,9 @@ class Router:
             uri = f"/modalities/{self.conf.target}/store"
         else:
             uri = f"/dicom-web/servers/{self.conf.target}/stow"
-        answer = json.loads(orthanc.RestApiPost(uri, body))
+        # AfterPlugins: RestApiPost reaches only Orthanc's core routes, not the
+        # DICOMweb plugin's /dicom-web/servers/... ("Unknown resource")
+        answer = json.loads(orthanc.RestApiPostAfterPlugins(uri, body))
         return str(answer.get("ID", ""))
 
     def snapshot(self) -> dict[str, Any]:
