@@ -376,7 +376,9 @@ def admin_router(sessions: sessionmaker[Any], settings: Settings) -> APIRouter:
 
     DB = Annotated[Session, Depends(db)]
 
-    principal = auth.bearer_principal(sessions, settings.http.admin_token)
+    principal = auth.bearer_principal(
+        sessions, settings.http.admin_token, settings.http.ingest_token
+    )
     Anyone = Annotated[auth.Principal, Depends(principal)]
     Viewer = Annotated[auth.Principal, Depends(auth.require(principal, auth.READ_ROLES, "reading"))]
     Admin = Annotated[

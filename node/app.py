@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings, sessions: sessionmaker[Session], store: Store) -> FastAPI:
     app = FastAPI(title="hpb-node", version="1.0")
-    principal = auth.bearer_principal(sessions, settings.http.admin_token)
+    principal = auth.bearer_principal(
+        sessions, settings.http.admin_token, settings.http.ingest_token
+    )
     may_store = auth.require(principal, auth.STORE_ROLES, "storing instances (STOW-RS)")
     app.include_router(stow_router(store, dependencies=[Depends(may_store)]))
 

@@ -8,7 +8,9 @@ STOW-RS (what a PACS routing to the node holds) and read nothing.
 The settings' ``http.admin_token`` is a bootstrap admin token (named
 ``settings``) so a fresh installation can create its first stored tokens; it
 is refused outside demo mode while it is the demo secret
-(``Settings.check_secrets``).
+(``Settings.check_secrets``). The settings' ``http.ingest_token`` (named
+``settings-ingest``, empty: none) is an ingest token known before the node
+first starts, for the PACS's configuration (compose: ``HPB_INGEST_TOKEN``).
 
 :func:`bearer_principal` and :func:`require` make the FastAPI dependencies:
 401 without a token or with an unknown one, 403 with a token whose role may
@@ -19,6 +21,7 @@ not do what the route does.
 # dependency closures' ``Annotated`` parameters as objects, not strings.
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import Callable, Collection
@@ -35,7 +38,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import ApiToken, audit
 from node.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 BOOTSTRAP_NAME = "settings"
+INGEST_BOOTSTRAP_NAME = "settings-ingest"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
@@ -66,13 +72,21 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def resolve_token(session: Session, token: str, bootstrap_token: str = "") -> Principal | None:
-    """The principal holding ``token``, or None when it is unknown."""
+def resolve_token(
+    session: Session, token: str, bootstrap_token: str = "", ingest_token: str = ""
+) -> Principal | None:
+    """The principal holding ``token``, or None when it is unknown.
+
+    ``bootstrap_token`` and ``ingest_token`` are the settings' tokens
+    (``http.admin_token``, ``http.ingest_token``); empty ones match nothing.
+    """
     if not token:
         return None
     digest = hash_token(token)
     if bootstrap_token and hmac.compare_digest(digest, hash_token(bootstrap_token)):
         return Principal(BOOTSTRAP_NAME, Role.ADMIN)
+    if ingest_token and hmac.compare_digest(digest, hash_token(ingest_token)):
+        return Principal(INGEST_BOOTSTRAP_NAME, Role.INGEST)
     row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest)).first()
     if row is None:
         return None
@@ -81,9 +95,10 @@ def resolve_token(session: Session, token: str, bootstrap_token: str = "") -> Pr
 
 def create_token(session: Session, name: str, role: str, actor: str) -> str:
     """Store a new token (hashed) and return it in clear: the only time it is shown."""
-    if not _NAME.match(name) or name == BOOTSTRAP_NAME:
+    if not _NAME.match(name) or name in (BOOTSTRAP_NAME, INGEST_BOOTSTRAP_NAME):
         raise ConfigError(
-            f"token name {name!r}: 1-64 letters, digits, '_.@-', not {BOOTSTRAP_NAME!r}"
+            f"token name {name!r}: 1-64 letters, digits, '_.@-', "
+            f"not {BOOTSTRAP_NAME!r} or {INGEST_BOOTSTRAP_NAME!r}"
         )
     try:
         parsed = Role(role)
@@ -121,7 +136,7 @@ def list_tokens(session: Session) -> list[dict[str, str]]:
 
 
 def bearer_principal(
-    sessions: sessionmaker[Any], bootstrap_token: str = ""
+    sessions: sessionmaker[Any], bootstrap_token: str = "", ingest_token: str = ""
 ) -> Callable[..., Principal]:
     """A dependency: the request's principal from its bearer token, else 401."""
     bearer = HTTPBearer(auto_error=False)
@@ -132,7 +147,7 @@ def bearer_principal(
         who = None
         if creds is not None and creds.scheme.lower() == "bearer":
             with sessions() as session:
-                who = resolve_token(session, creds.credentials, bootstrap_token)
+                who = resolve_token(session, creds.credentials, bootstrap_token, ingest_token)
         if who is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
@@ -153,6 +168,7 @@ def require(
 
     def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
         if who.role not in allowed:
+            log.warning("refused: %s with token %r of role %s", action, who.name, who.role.value)
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"{action} needs an {names} token")
         return who
 

@@ -3,7 +3,7 @@
 Works on the node database named by the settings (``--config``), with the same
 functions and the same audit trail as the REST API (actor ``cli:<user>``).
 
-    hpb-node admin token create NAME --role admin|viewer   (prints the token once)
+    hpb-node admin token create NAME --role admin|viewer|ingest   (prints the token once)
     hpb-node admin token list | token delete NAME
     hpb-node admin rule list | rule apply FILE.yaml | rule delete NAME
     hpb-node admin destination list | destination add NAME --dimse AE@HOST:PORT

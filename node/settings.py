@@ -70,6 +70,8 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8042 + 1000, ge=0, le=65535)
     admin_token: str = DEMO_SECRET
+    # STOW-RS only (role ingest, node.auth): the token a PACS routing by STOW-RS sends; "" = none
+    ingest_token: str = ""
 
 
 class WorkerSettings(_Section):
@@ -134,15 +136,19 @@ class Settings(_Section):
     clinical: ClinicalSettings = Field(default_factory=ClinicalSettings)
 
     def check_secrets(self) -> None:
-        """Refuse to run outside demo mode with the demo admin token."""
+        """Refuse the demo admin token outside demo mode; an ingest token that is another secret."""
         if not self.demo and self.http.admin_token == DEMO_SECRET:
             raise ConfigError("http.admin_token: the demo secret may only be used with demo: true")
+        ingest = self.http.ingest_token
+        if ingest and ingest in (self.http.admin_token, DEMO_SECRET):
+            raise ConfigError("http.ingest_token: must differ from admin_token and the demo secret")
 
 
 _ENV = {
     "HPB_DATABASE_URL": ("database", "url"),
     "HPB_SPOOL_ROOT": ("spool", "root"),
     "HPB_ADMIN_TOKEN": ("http", "admin_token"),
+    "HPB_INGEST_TOKEN": ("http", "ingest_token"),
 }
 
 

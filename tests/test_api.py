@@ -40,7 +40,8 @@ from node.db import (
     session_factory,
     utcnow,
 )
-from node.settings import Settings
+from node.errors import ConfigError
+from node.settings import Settings, load_settings
 from tests.conftest import free_port
 
 BOOTSTRAP = "bootstrap-admin-token-for-tests"
@@ -206,6 +207,27 @@ def test_node_app_openapi_every_mutating_route_needs_a_token_and_a_role(
             r = c.get(fill_path(path), headers=bearer(ingest))
             assert r.status_code == 403, f"GET {path} with an ingest token"
         assert "/api/jobs" in reads and "/api/audit" in reads
+
+
+def test_settings_ingest_token_is_an_ingest_principal_and_another_secret(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    with sessions() as s:
+        assert auth.resolve_token(s, "site-ingest", BOOTSTRAP, "site-ingest") == auth.Principal(
+            "settings-ingest", auth.Role.INGEST
+        )
+        assert auth.resolve_token(s, BOOTSTRAP, BOOTSTRAP, "site-ingest") == auth.Principal(
+            "settings", auth.Role.ADMIN
+        )
+        assert auth.resolve_token(s, "", BOOTSTRAP, "") is None
+        with pytest.raises(ConfigError, match="settings-ingest"):
+            auth.create_token(s, "settings-ingest", "ingest", "test")
+    env = {"HPB_ADMIN_TOKEN": "site-admin", "HPB_INGEST_TOKEN": "site-ingest"}
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("demo: false\n")
+    assert load_settings(cfg, env=env).http.ingest_token == "site-ingest"
+    with pytest.raises(ConfigError, match=r"http\.ingest_token: must differ"):
+        load_settings(cfg, env={**env, "HPB_INGEST_TOKEN": "site-admin"})
 
 
 def test_tokens_are_stored_hashed_and_roles_enforced(

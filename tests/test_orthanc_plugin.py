@@ -34,8 +34,11 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.events import Event
+from sqlalchemy import select
 
 from dicom_sr.readers import read_sr
+from node import auth, migrate
+from node.db import Instance, create_engine_for, session_factory
 from node.pipelines import PRODUCT_PIPELINE
 from tests.conftest import ROOT, free_port
 
@@ -76,9 +79,18 @@ class OrthancProc:
 
 
 def orthanc_config(
-    workdir: Path, http_port: int, dicom_port: int, node_port: int, router: dict[str, Any]
+    workdir: Path,
+    http_port: int,
+    dicom_port: int,
+    node_port: int,
+    router: dict[str, Any],
+    stow_url: str | None = None,
 ) -> dict[str, Any]:
-    """The production orthanc/orthanc.json with test paths, ports and credentials."""
+    """The production orthanc/orthanc.json with test paths, ports and credentials.
+
+    The node as a DICOMweb server (``hpbnode``, the production entry with its
+    token header) is kept only with a ``stow_url``.
+    """
     conf: dict[str, Any] = json.loads((ROOT / "orthanc" / "orthanc.json").read_text())
     conf.update(
         StorageDirectory=str(workdir / "db"),
@@ -97,18 +109,29 @@ def orthanc_config(
         ],
     )
     conf["DicomModalities"]["hpbnode"].update(Host="127.0.0.1", Port=node_port)
+    servers = conf["DicomWeb"]["Servers"]
     conf["DicomWeb"]["Servers"] = {}
+    if stow_url is not None:
+        conf["DicomWeb"]["Servers"] = {"hpbnode": {**servers["hpbnode"], "Url": stow_url}}
     conf["HpbRouter"].update(router)
     return conf
 
 
-def start_orthanc(workdir: Path, node_port: int, router: dict[str, Any]) -> OrthancProc:
+def start_orthanc(
+    workdir: Path,
+    node_port: int,
+    router: dict[str, Any],
+    stow_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> OrthancProc:
+    """Orthanc with the router plugin; ``extra_env``: more environment (HPB_INGEST_TOKEN)."""
     http_port, dicom_port = free_port(), free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "orthanc.json"
-    cfg.write_text(json.dumps(orthanc_config(workdir, http_port, dicom_port, node_port, router)))
+    conf = orthanc_config(workdir, http_port, dicom_port, node_port, router, stow_url)
+    cfg.write_text(json.dumps(conf))
     log = workdir / "orthanc.log"
-    env = dict(os.environ, TCP_NODELAY="1")
+    env = {**os.environ, "TCP_NODELAY": "1", **(extra_env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=out, stderr=subprocess.STDOUT, env=env)
     orth = OrthancProc(f"http://127.0.0.1:{http_port}", dicom_port, "HPBPACS", proc, log)
@@ -265,7 +288,13 @@ class NodeProc:
 
 
 def node_config(
-    workdir: Path, orth: OrthancProc, node_port: int, pipeline: str, admin_token: str
+    workdir: Path,
+    orth: OrthancProc,
+    node_port: int,
+    pipeline: str,
+    admin_token: str,
+    http_port: int | None = None,
+    ingest_token: str = "",
 ) -> Path:
     """Settings and rules for a node that sends its results back to ``orth``."""
     rules = workdir / "rules.yaml"
@@ -299,7 +328,12 @@ def node_config(
                 "demo": False,
                 "rules_file": str(rules),
                 "ingest": {"ae_title": "HPBNODE", "host": "127.0.0.1", "port": node_port},
-                "http": {"host": "127.0.0.1", "port": free_port(), "admin_token": admin_token},
+                "http": {
+                    "host": "127.0.0.1",
+                    "port": http_port or free_port(),
+                    "admin_token": admin_token,
+                    "ingest_token": ingest_token,
+                },
                 "database": {"url": f"sqlite:///{workdir / 'node.db'}"},
                 "spool": {"root": str(workdir / "spool"), "min_free_mb": 0},
                 "scheduler": {"stable_after_s": 1.0, "sweep_interval_s": 0.5},
@@ -497,3 +531,86 @@ def test_end_to_end_storescu_orthanc_plugin_node_results_in_orthanc(
         if node is not None:
             stop_node(node)
         stop_orthanc(orth)
+
+
+# ---------------------------------------------------------------- STOW-RS routing
+
+
+def node_instances(db: Path) -> set[str]:
+    """SOP Instance UIDs in the node's database."""
+    engine = create_engine_for(f"sqlite:///{db}")
+    try:
+        with session_factory(engine)() as s:
+            return set(s.scalars(select(Instance.sop_instance_uid)))
+    finally:
+        engine.dispose()
+
+
+def stow_routing_job(orth: OrthancProc, files: list[Path]) -> dict[str, Any]:
+    """Send ``files`` to ``orth``; the plugin's STOW-RS job for them once finished."""
+    storescu(orth, files)
+    wait_for(lambda: bool(orth.get("/hpb-router/routed")["routed"]), 60, "the routing")
+    series_id = orth.get("/hpb-router/routed")["routed"][0]["series"]
+    meta = json.loads(orth.client.get(f"/series/{series_id}/metadata/HpbRouted").text)
+    assert meta["method"] == "stow" and meta["target"] == "hpbnode"
+
+    def finished() -> bool:
+        return orth.get(f"/jobs/{meta['job']}")["State"] in ("Success", "Failure")
+
+    wait_for(finished, 60, "Orthanc's STOW-RS job")
+    job: dict[str, Any] = orth.get(f"/jobs/{meta['job']}")
+    return job
+
+
+def test_plugin_routes_by_stow_with_the_nodes_ingest_token(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """``"Method": "stow"``: Orthanc sends HPB_INGEST_TOKEN (orthanc.json HttpHeaders) to the node.
+
+    As in compose.yaml, the node's ``http.ingest_token`` and Orthanc's
+    HPB_INGEST_TOKEN hold the same secret: the series is stored. A viewer token
+    in its place is refused (403): Orthanc's job fails and the node stores nothing.
+    """
+    ct = sorted((shared_data / "ct_liver_3slice").glob("0*.dcm"))
+    ct_sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct}
+    workdir = tmp_path / "node"
+    workdir.mkdir()
+    db = workdir / "node.db"
+    migrate.upgrade(f"sqlite:///{db}")
+    engine = create_engine_for(f"sqlite:///{db}")
+    with session_factory(engine)() as s:
+        viewer = auth.create_token(s, "orthanc-viewer", "viewer", "test")
+        s.commit()
+    engine.dispose()
+    ingest = "e2e-ingest-token-of-the-site"
+    node_port, node_http = free_port(), free_port()
+    stow_url = f"http://127.0.0.1:{node_http}/dicom-web/"
+    router = {"MinInstances": 1, "Method": "stow"}
+    node = None
+    try:
+        for name, token, state, stored in (
+            ("viewer", viewer, "Failure", set()),
+            ("ingest", ingest, "Success", ct_sops),
+        ):
+            env = {"HPB_INGEST_TOKEN": token}
+            orth = start_orthanc(tmp_path / f"orthanc-{name}", node_port, router, stow_url, env)
+            try:
+                if node is None:
+                    cfg = node_config(
+                        workdir, orth, node_port, "hpb-ct-mr", E2E_TOKEN, node_http, ingest
+                    )
+                    node = start_node(workdir, cfg, E2E_TOKEN)
+                job = stow_routing_job(orth, ct)
+                assert job["State"] == state, f"{name}: {job}"
+                assert node_instances(db) == stored, name
+            finally:
+                stop_orthanc(orth)
+        assert node is not None
+        refused = "refused: storing instances (STOW-RS) with token 'orthanc-viewer' of role viewer"
+        assert refused in node.log.read_text(errors="replace")
+        assert (
+            "received HTTP status 403" in (tmp_path / "orthanc-viewer" / "orthanc.log").read_text()
+        )
+    finally:
+        if node is not None:
+            stop_node(node)

@@ -196,10 +196,14 @@ def test_stow_body_over_the_limit_is_refused(tmp_path: Path) -> None:
 
 
 def test_stow_on_the_node_app_needs_a_token_that_may_store(tmp_path: Path) -> None:
-    """node.app: 401 without or with an unknown token, 403 for a viewer, 200 for ingest/admin."""
+    """node.app: 401 without or with an unknown token, 403 for a viewer; ingest or admin store.
+
+    The ingest tokens: a stored one and the settings' ``http.ingest_token``.
+    """
     from node.app import create_app
 
     with running_node(tmp_path) as node:
+        node.settings.http.ingest_token = "site-ingest-secret"  # HPB_INGEST_TOKEN
         app = create_app(node.settings, node.sessions, node.store)
         viewer = ingest_token(node, "victor", "viewer")
         admin = ingest_token(node, "alice", "admin")
@@ -215,6 +219,8 @@ def test_stow_on_the_node_app_needs_a_token_that_may_store(tmp_path: Path) -> No
             assert node.instance_count() == 0 and node.spool_files() == []
             assert post(client, [files[0].read_bytes()], token=ingest).status_code == 200
             assert post(client, [files[1].read_bytes()], token=admin).status_code == 200
+            r = post(client, [files[2].read_bytes()], token="site-ingest-secret")
+            assert r.status_code == 200
             # an ingest token stores and reads nothing of the admin API
             h = {"Authorization": f"Bearer {ingest}"}
             assert client.get("/api/jobs", headers=h).status_code == 403
@@ -222,7 +228,7 @@ def test_stow_on_the_node_app_needs_a_token_that_may_store(tmp_path: Path) -> No
                 "name": "orthanc",
                 "role": "ingest",
             }
-        assert node.instance_count() == 2
+        assert node.instance_count() == 3
         with node.sessions() as s:
             stored = {i.sop_instance_uid for i in s.scalars(select(Instance))}
-        assert stored == {str(dcmread(f).SOPInstanceUID) for f in files[:2]}
+        assert stored == {str(dcmread(f).SOPInstanceUID) for f in files}
