@@ -89,8 +89,23 @@ def _is_lesion(g: GroupRead) -> bool:
     return g.measurement("Long Axis") is not None
 
 
+def _report_level(sr: SrRead, out: Readback) -> None:
+    """Diagnoses and clinical inputs where our SR keeps them (outside the groups)."""
+    for ev in sr.evaluations:
+        prob = ev.measurement("Probability")
+        if ev.name[0] == codes.DIAGNOSIS.value and prob is not None:
+            out.diagnoses[ev.value[0]] = prob.value
+    if sr.clinical_inputs is not None:
+        for m in sr.clinical_inputs.measurements:
+            out.clinical_used[m.name[0]] = (m.value, m.unit[0] if m.unit else "")
+        out.clinical_missing.extend(name[2] for name, _ in sr.clinical_inputs.evaluations)
+
+
 def readback(sr: SrRead) -> Readback:
+    """Findings-like data; also reads the layout of SRs written before 0.2 (diagnoses and
+    clinical inputs as TID 1501 groups, lesion axes in the volumetric group)."""
     out = Readback(findings_text=sr.findings_text, impression_text=sr.impression_text)
+    _report_level(sr, out)
     planar = [g for g in sr.groups if g.is_planar]
     for g in sr.groups:
         if g in planar:
@@ -140,6 +155,8 @@ def readback(sr: SrRead) -> Readback:
         les = by_uid.get(g.tracking_uid)
         if les is None:
             continue
+        les.long_axis_mm = les.long_axis_mm or _value(g.measurement("Long Axis"))
+        les.short_axis_mm = les.short_axis_mm or _value(g.measurement("Short Axis"))
         for axis_name, attr in (("Long Axis", "long_axis_xy"), ("Short Axis", "short_axis_xy")):
             axis = g.measurement(axis_name)
             if axis is not None and axis.scoords:

@@ -5,7 +5,9 @@ named, one boolean mask per segment on the source grid ``[k, r, c]`` (slice k
 is ``source_sop_uids[k]``, frame ``frame_numbers[k]`` of it for multi-frame
 sources); without sources it gives highdicom's geometry-derived volume.
 ``read_sr`` walks the content tree of any TID 1500 report and returns its
-measurement groups, text and observer.
+measurement groups, the coded and text items of its Qualitative Evaluations
+container (with their NUM properties), a clinical-inputs container when there
+is one (ours), and the observer.
 
 Everything that cannot be read ends in ``ReadError`` (or its child
 ``UnsupportedObjectError``) with a message naming the file and the reason;
@@ -29,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 
+from dicom_sr import codes
 from dicom_sr.errors import ReadError, UnsupportedObjectError
 
 log = logging.getLogger(__name__)
@@ -328,7 +331,8 @@ class GroupRead:
     finding_sites: list[Code] = field(default_factory=list)
     measurements: list[MeasurementRead] = field(default_factory=list)
     evaluations: list[tuple[Code, Code]] = field(default_factory=list)
-    regions: list[Scoord] = field(default_factory=list)
+    regions: list[Scoord] = field(default_factory=list)  # SCOORD image regions (TID 1410)
+    points: list[tuple[Code, Scoord]] = field(default_factory=list)  # SCOORD centre of mass
     scoord3d: list[tuple[Code, Scoord]] = field(default_factory=list)
     referenced_segment: tuple[str, int] | None = None  # (SEG SOP UID, segment number)
     algorithm_name: str = ""
@@ -343,6 +347,19 @@ class GroupRead:
 
 
 @dataclass
+class EvaluationRead:
+    """A CODE item of the report-level Qualitative Evaluations container (TID 1500 row 13)."""
+
+    name: Code
+    value: Code
+    properties: list[MeasurementRead] = field(default_factory=list)  # NUM children
+
+    def measurement(self, meaning: str) -> MeasurementRead | None:
+        low = meaning.lower()
+        return next((m for m in self.properties if m.name[2].lower() == low), None)
+
+
+@dataclass
 class SrRead:
     sop_instance_uid: str
     title: Code | None
@@ -350,6 +367,8 @@ class SrRead:
     device_name: str
     groups: list[GroupRead]
     texts: dict[str, str]
+    evaluations: list[EvaluationRead] = field(default_factory=list)
+    clinical_inputs: GroupRead | None = None  # NUM used / CODE "= Unknown" missing
 
     @property
     def findings_text(self) -> str:
@@ -428,6 +447,8 @@ def _group(container: Dataset) -> GroupRead:
             value = _code(_first(item, "ConceptCodeSequence"))
             if value is not None:
                 g.evaluations.append((name, value))
+        elif vt == "SCOORD" and code == codes.CENTER_OF_MASS.value and name is not None:
+            g.points.append((name, _scoord(item)))
         elif vt == "SCOORD":
             g.regions.append(_scoord(item))
         elif vt == "SCOORD3D" and name is not None:
@@ -461,6 +482,8 @@ def read_sr(source: str | Path | Dataset) -> SrRead:
         )
     groups: list[GroupRead] = []
     texts: dict[str, str] = {}
+    evaluations: list[EvaluationRead] = []
+    clinical: GroupRead | None = None
     device = ""
     try:
         for item in getattr(ds, "ContentSequence", []):
@@ -478,6 +501,18 @@ def read_sr(source: str | Path | Dataset) -> SrRead:
                     sname = _code(_first(sub, "ConceptNameCodeSequence"))
                     if sub.ValueType == "TEXT" and sname:
                         texts[sname[2]] = str(sub.TextValue)
+                    value = _code(_first(sub, "ConceptCodeSequence"))
+                    if sub.ValueType == "CODE" and sname and value:
+                        nums = [
+                            _num(c)
+                            for c in getattr(sub, "ContentSequence", [])
+                            if c.ValueType == "NUM"
+                        ]
+                        evaluations.append(
+                            EvaluationRead(sname, value, [m for m in nums if m is not None])
+                        )
+            if item.ValueType == "CONTAINER" and code == codes.CLINICAL_INPUTS.value:
+                clinical = _group(item)
     except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ReadError(f"{name}: SR content tree is malformed: {exc}") from exc
     return SrRead(
@@ -487,6 +522,8 @@ def read_sr(source: str | Path | Dataset) -> SrRead:
         device_name=device,
         groups=groups,
         texts=texts,
+        evaluations=evaluations,
+        clinical_inputs=clinical,
     )
 
 

@@ -1,21 +1,31 @@
 """Comprehensive 3D SR, TID 1500 Measurement Report, from ``Findings``.
 
-Content (see docs/dicom-outputs.md for the tree):
+Content (see docs/dicom-outputs.md for the tree and why it is ordered so):
 
 * observer context naming the device (the model and the node);
-* one volumetric group (TID 1411) per organ: volume, mean and SD of
-  attenuation (CT) or signal (MR), referencing its SEG segment;
-* one volumetric group per lesion: tracking identifier and UID, finding type,
-  finding sites (organ and Couinaud segment / pancreatic part), volume, long and
-  short axis, mean attenuation, referenced segment, centroid as SCOORD3D POINT;
-* one planar group (TID 1410) per lesion on its key slice: outline as SCOORD
-  POLYGON, long and short axis as NUM items each inferred from a 2-point SCOORD
-  POLYLINE on the source image (the shape OHIF hydrates as a bidirectional);
-* one measurement group (TID 1501) per diagnosis: finding type = disease,
-  probability, qualitative evaluation "Finding = disease";
-* one group of clinical inputs: used numeric values as NUM (LOINC, UCUM),
-  missing ones as qualitative evaluations "= Unknown";
-* a "Qualitative Evaluations" container with the findings and impression text.
+* Imaging Measurements, lesions first, then organs:
+
+  - per lesion, a planar group (TID 1410) on its key slice: outline as SCOORD
+    POLYLINE, long and short axis as NUM items each inferred from a 2-point
+    SCOORD POLYLINE on the source image (the shape OHIF hydrates as a
+    bidirectional), then a volumetric group (TID 1411) with the same tracking
+    UID: finding type, finding sites (organ and Couinaud segment / pancreatic
+    part), volume, mean and SD attenuation, referenced segment, centroid as
+    SCOORD3D POINT;
+  - per organ, a volumetric group: volume, mean and SD of attenuation (CT) or
+    signal (MR), referenced segment, and its centre of mass as a SCOORD POINT
+    on the source image nearest to it;
+
+* a "Qualitative Evaluations" container: one CODE "Diagnosis = disease" per
+  diagnosis with its probability (NUM, HAS PROPERTIES) and the algorithm
+  (HAS CONCEPT MOD), then the findings and impression text;
+* a "Clinical inputs used by the algorithm" container: used numeric values as
+  NUM (LOINC, UCUM), missing ones as CODE "= Unknown".
+
+Every measurement group carries image coordinates, and the first
+coordinate OHIF 3.12 meets under each tracking UID is a 2-D one on a source
+image: groups without coordinates crash its SR viewport, and 3-D points are
+drawn without an image to anchor them.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from dicom_sr.options import SERIES_OFFSETS, OutputOptions
 from dicom_sr.seg import algorithm_identification, lesion_label, plan_segments
 from dicom_sr.sources import SourceSeries, copy_study_attributes, order_sources
 from dicom_sr.uids import output_uid
-from models.findings import Axis, Findings, LesionFinding
+from models.findings import Axis, Findings, LesionFinding, OrganFinding
 
 log = logging.getLogger(__name__)
 
@@ -203,66 +213,214 @@ def _centroid_item(lesion: LesionFinding, frame_of_reference_uid: str) -> hd.sr.
     )
 
 
-def _diagnosis_groups(
-    findings: Findings, algorithm: hd.sr.AlgorithmIdentification
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    p = findings.provenance
-    groups = []
-    for dx in findings.diagnoses:
-        concept = codes.DISEASES[dx.disease]
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=output_uid(p.input_series_uid, p.pipeline_version, "dx", dx.disease.value),
-                    identifier=f"diagnosis {dx.disease.value}"[:64],
-                ),
-                finding_type=concept,
-                algorithm_id=algorithm,
-                measurements=[
-                    hd.sr.Measurement(codes.PROBABILITY, float(dx.probability), codes.NO_UNITS)
-                ],
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.DIAGNOSIS, concept)],
-            )
-        )
-    return groups
+def _frame_segment_numbers(seg: Dataset) -> list[int | None]:
+    """The segment number of each SEG frame (None: a LABELMAP frame, all segments)."""
+    shared = None
+    sfg = seg.get("SharedFunctionalGroupsSequence")
+    if sfg and "SegmentIdentificationSequence" in sfg[0]:
+        shared = int(sfg[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    numbers: list[int | None] = []
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
+        if "SegmentIdentificationSequence" in frame:
+            numbers.append(int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+        else:
+            numbers.append(shared)
+    return numbers
 
 
-def _clinical_group(
-    findings: Findings, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
-    p = findings.provenance
-    measurements = []
-    evaluations = []
-    for cv in p.clinical_used:
-        if isinstance(cv.value, (int, float)) and not isinstance(cv.value, bool):
-            unit = cv.unit or codes.lab_unit(cv.name, cv.code) or "1"
-            measurements.append(
-                hd.sr.Measurement(
-                    codes.lab_concept(cv.name, cv.code), float(cv.value), codes.unit_concept(unit)
+def _referenced_segment(seg: Dataset, segment_number: int) -> hd.sr.ReferencedSegment:
+    """TID 1411 "Referenced Segment" with the source images of the segment's frames.
+
+    highdicom's ``ReferencedSegment.from_segmentation`` reads the segment of each
+    frame from the per-frame functional groups only; highdicom itself moves
+    Segment Identification to the shared groups when a SEG has one segment, and
+    a LABELMAP SEG has none, so both are handled here.
+    """
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
+    numbers = _frame_segment_numbers(seg)
+    sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+    for frame, number in zip(per_frame, numbers, strict=True):
+        if number is not None and number != segment_number:
+            continue
+        for derivation in frame.get("DerivationImageSequence", []):
+            for src in derivation.get("SourceImageSequence", []):
+                uid = str(src.ReferencedSOPInstanceUID)
+                if uid in sources:
+                    continue
+                frames = None
+                if "ReferencedFrameNumber" in src:
+                    raw = src.ReferencedFrameNumber
+                    frames = [
+                        int(v) for v in (raw if src["ReferencedFrameNumber"].VM > 1 else [raw])
+                    ]
+                sources[uid] = hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=str(src.ReferencedSOPClassUID),
+                    referenced_sop_instance_uid=uid,
+                    referenced_frame_numbers=frames,
                 )
-            )
-    for name in p.clinical_missing:
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.lab_concept(name), codes.UNKNOWN))
-    if not measurements and not evaluations:
-        return None
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=output_uid(p.input_series_uid, p.pipeline_version, "clinical"),
-            identifier="clinical inputs",
-        ),
-        finding_type=codes.CLINICAL_INPUTS,
-        algorithm_id=algorithm,
-        measurements=measurements or None,
-        qualitative_evaluations=evaluations or None,
+    if not sources:
+        raise BuildError(f"SEG segment {segment_number}: no frame references a source image")
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=segment_number,
+        source_images=list(sources.values()),
     )
 
 
-def _text_container(findings: Findings, opts: OutputOptions) -> hd.sr.ContainerContentItem:
+def _organ_center(
+    organ: OrganFinding, series: SourceSeries
+) -> tuple[hd.sr.ScoordContentItem, int] | None:
+    """The organ's centre of mass as a SCOORD POINT on the nearest slice holding the organ.
+
+    OHIF 3.12 needs an image coordinate in every measurement group (see the
+    module docstring); a 2-D point on a source image is one it draws, as an
+    arrow labelled with the group's measurements.
+    """
+    voxels = np.argwhere(organ.mask)
+    if len(voxels) == 0:
+        return None
+    k_mean, r_mean, c_mean = voxels.mean(axis=0)
+    slices = np.unique(voxels[:, 0])
+    k = int(slices[np.argmin(np.abs(slices - k_mean))])
+    if not 0 <= k < len(series.slices):
+        return None
+    item = hd.sr.ScoordContentItem(
+        name=codes.CENTER_OF_MASS,
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=_pixel_xy([(float(k), float(r_mean), float(c_mean))]),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    item.ContentSequence = hd.sr.ContentSequence([_source_image(series, k)])
+    return item, k
+
+
+def _organ_group(
+    organ: OrganFinding,
+    series: SourceSeries,
+    seg: Dataset,
+    segment_number: int,
+    tracking_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> tuple[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, int] | None:
+    """The organ's group and the slice its centre-of-mass point lies on."""
+    center = _organ_center(organ, series)
+    if center is None:
+        log.info("organ %s has no voxel on the source slices: no SR group", organ.organ.value)
+        return None
+    oc = codes.ORGANS[organ.organ]
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=oc.label),
+        referenced_segment=_referenced_segment(seg, segment_number),
+        finding_type=oc.type,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(oc.type, laterality=oc.modifier)],
+        measurements=[
+            hd.sr.Measurement(codes.VOLUME, float(organ.volume_ml), codes.MILLILITER),
+            *_intensity_measurements(organ.mean_intensity, organ.std_intensity, _is_ct(series)),
+        ],
+    )
+    group[0].ContentSequence.append(center[0])
+    return group, center[1]
+
+
+def _lesion_volumetric_group(
+    lesion: LesionFinding,
+    series: SourceSeries,
+    seg: Dataset,
+    segment_number: int,
+    tracking_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """Volume, attenuation, segment and centroid; the axes are in the planar group."""
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=lesion_label(lesion)
+        ),
+        referenced_segment=_referenced_segment(seg, segment_number),
+        finding_type=codes.LESION_TYPES[lesion.kind],
+        algorithm_id=algorithm,
+        finding_sites=_finding_sites(lesion),
+        measurements=[
+            hd.sr.Measurement(codes.VOLUME, float(lesion.volume_ml), codes.MILLILITER),
+            *_intensity_measurements(lesion.mean_intensity, lesion.std_intensity, _is_ct(series)),
+        ],
+    )
+    group[0].ContentSequence.append(_centroid_item(lesion, str(series.first.FrameOfReferenceUID)))
+    return group
+
+
+def _diagnosis_items(
+    findings: Findings, algorithm: hd.sr.AlgorithmIdentification
+) -> list[hd.sr.CodeContentItem]:
+    """One CODE "Diagnosis = disease" per diagnosis, for the Qualitative Evaluations container.
+
+    Children: the probability (NUM, HAS PROPERTIES) and the algorithm that
+    estimated it (TID 4019 items, HAS CONCEPT MOD).
+    """
+    items = []
+    for dx in findings.diagnoses:
+        item = hd.sr.CodeContentItem(
+            name=codes.DIAGNOSIS,
+            value=codes.DISEASES[dx.disease],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        item.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.NumContentItem(
+                    name=codes.PROBABILITY,
+                    value=float(dx.probability),
+                    unit=codes.NO_UNITS,
+                    relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+                ),
+                *algorithm,
+            ]
+        )
+        items.append(item)
+    return items
+
+
+def _clinical_container(findings: Findings) -> hd.sr.ContainerContentItem | None:
+    """Clinical inputs: used numeric values as NUM (LOINC, UCUM), missing ones "= Unknown"."""
+    p = findings.provenance
+    items: list[hd.sr.ContentItem] = []
+    for cv in p.clinical_used:
+        if isinstance(cv.value, (int, float)) and not isinstance(cv.value, bool):
+            unit = cv.unit or codes.lab_unit(cv.name, cv.code) or "1"
+            items.append(
+                hd.sr.NumContentItem(
+                    name=codes.lab_concept(cv.name, cv.code),
+                    value=float(cv.value),
+                    unit=codes.unit_concept(unit),
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
+    for name in p.clinical_missing:
+        items.append(
+            hd.sr.CodeContentItem(
+                name=codes.lab_concept(name),
+                value=codes.UNKNOWN,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    if not items:
+        return None
+    container = hd.sr.ContainerContentItem(
+        name=codes.CLINICAL_INPUTS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _evaluations_container(
+    findings: Findings, opts: OutputOptions, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    items = []
+    items: list[hd.sr.ContentItem] = [*_diagnosis_items(findings, algorithm)]
     prefix = f"[{opts.marking}] " if opts.not_for_clinical_use else ""
     findings_text = findings.report_text("findings")
     impression_text = findings.report_text("impression")
@@ -323,73 +481,38 @@ def _build_sr(
     algorithm = hd.sr.AlgorithmIdentification(
         name=hd_alg[0].AlgorithmName, version=hd_alg[0].AlgorithmVersion
     )
-    for_uid = str(series.first.FrameOfReferenceUID)
-
     groups: list[
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = []
-    for organ in findings.organs:
-        if organ.id not in seg_numbers:
-            continue
-        oc = codes.ORGANS[organ.organ]
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=tracking[organ.id], identifier=oc.label
-                ),
-                referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                    seg, seg_numbers[organ.id]
-                ),
-                finding_type=oc.type,
-                algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(oc.type, laterality=oc.modifier)],
-                measurements=[
-                    hd.sr.Measurement(codes.VOLUME, float(organ.volume_ml), codes.MILLILITER),
-                    *_intensity_measurements(organ.mean_intensity, organ.std_intensity, ct),
-                ],
-            )
-        )
+    key_slices: list[int] = []
+    # Lesions first, each planar group before its volumetric group: OHIF merges
+    # groups by tracking UID, draws the first coordinate it finds and opens the
+    # SR on its first measurement (docs/dicom-outputs.md).
     for lesion in findings.lesions:
         if lesion.id not in seg_numbers:
             log.info("lesion %d has no segment: no SR groups", lesion.number)
             continue
         uid = tracking[lesion.id]
-        volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=lesion_label(lesion)),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                seg, seg_numbers[lesion.id]
-            ),
-            finding_type=codes.LESION_TYPES[lesion.kind],
-            algorithm_id=algorithm,
-            finding_sites=_finding_sites(lesion),
-            measurements=[
-                hd.sr.Measurement(codes.VOLUME, float(lesion.volume_ml), codes.MILLILITER),
-                hd.sr.Measurement(
-                    codes.LONG_AXIS, float(lesion.long_axis.length_mm), codes.MILLIMETER
-                ),
-                hd.sr.Measurement(
-                    codes.SHORT_AXIS, float(lesion.short_axis.length_mm), codes.MILLIMETER
-                ),
-                *_intensity_measurements(lesion.mean_intensity, lesion.std_intensity, ct),
-            ],
-        )
-        volumetric[0].ContentSequence.append(_centroid_item(lesion, for_uid))
-        groups.append(volumetric)
         groups.append(_planar_group(lesion, series, uid, algorithm, opts))
-    groups.extend(_diagnosis_groups(findings, algorithm))
-    clinical = _clinical_group(findings, algorithm)
-    if clinical is not None:
-        groups.append(clinical)
+        groups.append(
+            _lesion_volumetric_group(lesion, series, seg, seg_numbers[lesion.id], uid, algorithm)
+        )
+        key_slices.append(lesion.key_slice)
+    for organ in findings.organs:
+        if organ.id not in seg_numbers:
+            continue
+        built = _organ_group(
+            organ, series, seg, seg_numbers[organ.id], tracking[organ.id], algorithm
+        )
+        if built is not None:
+            groups.append(built[0])
+            key_slices.append(built[1])
 
     key_images = list(
         {
-            str(series.slices[les.key_slice].dataset.SOPInstanceUID): series.slices[
-                les.key_slice
-            ].dataset
-            for les in findings.lesions
-            if les.id in seg_numbers and 0 <= les.key_slice < len(series.slices)
+            str(series.slices[k].dataset.SOPInstanceUID): series.slices[k].dataset
+            for k in key_slices
         }.values()
     )
     device = hd.sr.ObserverContext(
@@ -409,7 +532,10 @@ def _build_sr(
         # highdicom's image library reads single-frame geometry only
         referenced_images=(key_images or None) if not series.multiframe else None,
     )
-    report[0].ContentSequence.append(_text_container(findings, opts))
+    report[0].ContentSequence.append(_evaluations_container(findings, opts, algorithm))
+    clinical = _clinical_container(findings)
+    if clinical is not None:
+        report[0].ContentSequence.append(clinical)
     evidence = [*series.datasets, seg]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_sr import OutputOptions, build_all, output_uid, read_seg, read_sr, readback
+from dicom_sr import OutputOptions, build_all, codes, output_uid, read_seg, read_sr, readback
 from dicom_sr.testing import findings_from_masks, sphere
 from models.findings import ClinicalValue, Findings
 from models.nifti import load_nifti_krc
@@ -165,10 +165,10 @@ def test_sr_content_reads_back(case: Case) -> None:
         sites = [s[0] for s in vg.finding_sites]
         assert sites[0] == "10200004"  # liver
         assert sites[1] in ("277961009", "277958008")  # Couinaud VII / IV
-        la = vg.measurement("Long Axis")
-        sa = vg.measurement("Short Axis")
-        assert la is not None and la.value == pytest.approx(les.long_axis.length_mm)
-        assert sa is not None and sa.value == pytest.approx(les.short_axis.length_mm)
+        # the axes are measured on the key slice: in the planar group only
+        assert vg.measurement("Long Axis") is None and vg.measurement("Short Axis") is None
+        vol = vg.measurement("Volume")
+        assert vol is not None and vol.value == pytest.approx(les.volume_ml)
         ((name, centroid),) = vg.scoord3d
         assert name[0] == "128138"
         assert np.allclose(centroid.points[0], les.centroid_lps, atol=1e-3)
@@ -184,13 +184,35 @@ def test_sr_content_reads_back(case: Case) -> None:
         assert pg.regions and pg.regions[0].referenced_sop_uid == key_uid
         assert np.array_equal(pg.regions[0].points[0], pg.regions[0].points[-1])  # closed
 
-    dx = {g.finding_type[2]: g for g in sr.groups if g.tracking_id.startswith("diagnosis")}
-    hcc = dx["Hepatocellular carcinoma"]
-    prob = hcc.measurement("Probability")
-    assert prob is not None and prob.value == pytest.approx(0.62)
-    assert hcc.evaluations and hcc.evaluations[0][1][0] == "25370001"
+    # OHIF order: each lesion's planar group, then its volumetric group, then the organs
+    order = [g.tracking_id for g in sr.groups]
+    assert order[:4] == [
+        planar[0].tracking_id,
+        volumetric[0].tracking_id,
+        planar[1].tracking_id,
+        volumetric[1].tracking_id,
+    ]
+    assert order[4:] == ["Liver", "Pancreas", "Gallbladder", "Spleen"]
+    # every organ group has a 2-D centre-of-mass point on a slice holding the organ
+    for organ in f.organs:
+        ((name, point),) = organs[codes.ORGANS[organ.organ].label].points
+        k = f.provenance.input_sop_uids.index(point.referenced_sop_uid)
+        voxels = np.argwhere(organ.mask)
+        assert name[0] == "128138" and organ.mask[k].any()
+        assert abs(k - voxels[:, 0].mean()) < 1.5
+        # (column, row) of the centre of mass, pixel centres at +0.5
+        assert np.allclose(point.points[0], voxels[:, [2, 1]].mean(axis=0) + 0.5, atol=1e-3)
 
-    (clinical,) = [g for g in sr.groups if g.tracking_id == "clinical inputs"]
+    # no other measurement groups: diagnoses and clinical inputs are report-level
+    assert len(sr.groups) == 2 * len(f.lesions) + len(f.organs)
+    dx = {e.value[2]: e for e in sr.evaluations if e.name[0] == "439401001"}
+    assert set(dx) == {"Hepatocellular carcinoma", "Cyst of liver", "Cirrhosis of liver"}
+    prob = dx["Hepatocellular carcinoma"].measurement("Probability")
+    assert prob is not None and prob.value == pytest.approx(0.62)
+    assert dx["Hepatocellular carcinoma"].value[:2] == ("25370001", "SCT")
+
+    clinical = sr.clinical_inputs
+    assert clinical is not None
     afp = next(m for m in clinical.measurements if m.name[0] == "1834-1")
     assert afp.name[1] == "LN" and afp.value == 85.0 and afp.unit is not None
     assert afp.unit[:2] == ("ng/mL", "UCUM")

@@ -3,12 +3,15 @@
 //   node ohif_check.cjs plan.json   -> prints one JSON result object on stdout
 //
 // plan: { viewerUrl, studyUid, outDir, timeoutMs,
-//         scenarios: [{ name, kind: "seg" | "sr" | "open", series: "<series description prefix>" }] }
+//         scenarios: [{ name, kind: "seg" | "sr" | "open", series: "<series description prefix>",
+//                       steps: <sr only: measurements to step through> }] }
 // Each scenario runs in a fresh page: open the study, dismiss the tour, take a
 // screenshot of the viewport ("<name>-before.png"), then
 //   seg: double-click the SEG thumbnail, answer "Yes" to hydration, open the
 //        segmentation panel, read the segment rows;
-//   sr:  double-click the SR thumbnail, wait for measurement text in the viewport;
+//   sr:  double-click the SR thumbnail, wait for measurement text in the viewport
+//        ("<name>-step0.png"), then click the viewport's "next measurement" arrow
+//        `steps` times ("<name>-step<i>.png"); slice and text of each in `steps`;
 // and take "<name>.png" (viewport) and "<name>-page.png" (whole page).
 // Every console message (all levels, debug included: OHIF logs its error
 // boundary at console.debug) and every page error is returned.
@@ -48,13 +51,33 @@ async function runSeg(page, plan, sc, out) {
 async function runSr(page, plan, sc, out) {
   await (await thumbnail(page, sc.series)).dblclick();
   const pane = page.locator('[data-cy="viewport-pane"]').first();
-  const deadline = Date.now() + plan.timeoutMs;
+  await page.locator('[data-cy="viewport-overlay-bottom-right"]', { hasText: 'I:' }).first()
+    .waitFor({ timeout: plan.timeoutMs });
+  // measurement text, unless OHIF rendered the slice before registering the
+  // SR's annotations (then they appear on the next render: see `steps`)
+  const deadline = Date.now() + 10000;
   while (Date.now() < deadline) {
     const text = await pane.innerText().catch(() => '');
     if (/\d mm/.test(text) || out.errorBoundary()) break;
     await page.waitForTimeout(250);
   }
   await page.waitForTimeout(1000);
+  // the SR opens on its first measurement; step through the others with the
+  // viewport's right arrow
+  out.steps = [];
+  const overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').first();
+  const next = page.locator('div.h-6.flex > div.cursor-pointer').nth(1);
+  for (let i = 0; i <= (sc.steps || 0) && !out.errorBoundary(); i++) {
+    if (i > 0) {
+      await next.click({ timeout: 5000 });
+      await page.waitForTimeout(1500); // let the stack move and the annotations render
+    }
+    await pane.screenshot({ path: path.join(plan.outDir, `${sc.name}-step${i}.png`) });
+    out.steps.push({
+      slice: await overlay.innerText().catch(() => ''),
+      viewportText: (await pane.innerText().catch(() => '')).replace(/\s+/g, ' ').trim(),
+    });
+  }
 }
 
 async function scenario(browser, plan, sc) {
