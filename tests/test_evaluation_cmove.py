@@ -29,8 +29,6 @@ from tests.conftest import free_port
 from tests.support.dcmqrscp import dcmqrscp
 from tests.support.orthanc import OrthancProcess, orthanc_factory  # noqa: F401
 
-pytestmark = pytest.mark.orthanc
-
 MOVE_AET = "HPBEVALTEST"
 STUDY_FILES = ("01.dcm", "02.dcm", "03.dcm", "liver_seg.dcm")
 
@@ -65,6 +63,7 @@ def study_uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
+@pytest.mark.orthanc
 def test_cmove_instances_arrive_identical(
     pacs: OrthancProcess, shared_data: Path, tmp_path: Path
 ) -> None:
@@ -79,6 +78,8 @@ def test_cmove_instances_arrive_identical(
         assert rx.port != 0
         pacs.add_modality("evaluator", MOVE_AET, "127.0.0.1", rx.port)
         fetched = rx.move(peer_of(pacs), "liver3", study_uid)
+    with pytest.raises(ConnectionRefusedError):  # the SCP stopped with the block
+        socket.create_connection(("127.0.0.1", rx.port), timeout=5).close()
     assert (fetched.n_seg, fetched.n_sr, fetched.n_image, fetched.n_other) == (1, 1, 3, 0)
     expected = {
         dest / "images/liver3": [src / n for n in STUDY_FILES[:3]],
@@ -109,6 +110,7 @@ def test_cmove_instances_arrive_identical(
         assert dataset_bytes(dest / "images/liver3" / f"{uid}.dcm") == dataset_bytes(src / name)
 
 
+@pytest.mark.orthanc
 def test_cmove_unknown_study_is_a_clear_error(pacs: OrthancProcess, tmp_path: Path) -> None:
     port = free_port()
     pacs.add_modality("evaluator", MOVE_AET, "127.0.0.1", port)
@@ -132,6 +134,7 @@ class MovePermissiveOrthanc(OrthancProcess):
         return {**super()._config(), "DicomAlwaysAllowMove": True}
 
 
+@pytest.mark.orthanc
 def test_cmove_unknown_destination_is_a_clear_error(shared_data: Path, tmp_path: Path) -> None:
     """The PACS does not know our AE title as a move destination. dcmqrscp answers the
     standard's 0xA801, Orthanc 1.10 a plain 0xC000: both errors name the study and say
@@ -171,6 +174,7 @@ def test_cmove_unknown_destination_is_a_clear_error(shared_data: Path, tmp_path:
     assert not (tmp_path / "fetched").exists()
 
 
+@pytest.mark.orthanc
 def test_cmove_from_an_undeclared_ae_is_a_clear_error(
     pacs: OrthancProcess, shared_data: Path, tmp_path: Path
 ) -> None:
@@ -322,6 +326,7 @@ def test_cmove_pacs_unreachable(tmp_path: Path) -> None:
         cmove_results(nobody, {"c": "1.2.3"}, tmp_path, destination=MoveDestination(MOVE_AET))
 
 
+@pytest.mark.orthanc
 def test_evaluate_cli_cmove_errors(
     pacs: OrthancProcess, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
