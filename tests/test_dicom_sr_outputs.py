@@ -448,3 +448,52 @@ def test_invalid_numbers_are_refused_with_build_error(case: Case) -> None:
         build_sr(broken, case.sources, seg)
     with pytest.raises(BuildError, match="pipeline_version"):
         OutputOptions(pipeline_version=" ")
+
+
+@pytest.mark.parametrize("only", ["organ", "lesion"])
+def test_single_segment_seg_gets_its_sr(shared_data: Path, tmp_path: Path, only: str) -> None:
+    # highdicom writes Segment Identification in the shared functional groups when
+    # a SEG has one segment; the SR's referenced segment must still find its frames.
+    d = shared_data / "ct_abdomen_3mm"
+    ct, aff = load_nifti_krc(d / "ct.nii.gz")
+    liver = load_nifti_krc(d / "labels" / "liver.nii.gz")[0] > 0
+    k0 = int(np.argwhere(liver)[:, 0].mean()) - 4
+    ct, liver = ct[k0 : k0 + 8], liver[k0 : k0 + 8]  # 8 slices through the liver
+    aff = aff.copy()
+    aff[:3, 3] += aff[:3, 0] * k0
+    idx = np.argwhere(liver)
+    lesion = sphere(ct.shape, idx[len(idx) // 2], 2.5) & liver
+    dss = [pydicom.dcmread(p) for p in write_series(ct, aff, tmp_path / "ct", seed=only)]
+    findings = findings_from_masks(
+        {Organ.LIVER: liver} if only == "organ" else {},
+        [(Organ.LIVER, LesionKind.MASS, lesion, None)] if only == "lesion" else [],
+        aff,
+        [str(ds.SOPInstanceUID) for ds in dss],
+        str(dss[0].SeriesInstanceUID),
+        image=ct,
+        diagnoses=[(Disease.HCC, 0.4)],
+    )
+    objects = build_all(findings, dss, OutputOptions(pipeline_version="one"))
+    seg = objects[0][1]
+    assert [kind for kind, _ in objects[:2]] == ["seg", "sr"]
+    assert len(seg.SegmentSequence) == 1
+    assert "SegmentIdentificationSequence" not in seg.PerFrameFunctionalGroupsSequence[0]
+    _dciodvfy_clean(objects, tmp_path)
+    sr = read_sr(objects[1][1])
+    (volumetric,) = [g for g in sr.groups if g.referenced_segment]
+    assert volumetric.referenced_segment == (str(seg.SOPInstanceUID), 1)
+    mask = liver if only == "organ" else lesion
+    (container,) = [
+        c
+        for c in objects[1][1].ContentSequence
+        if c.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    sources = {  # TID 1411 "Source image for segmentation" items
+        str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for g in container.ContentSequence
+        for i in g.ContentSequence
+        if i.ValueType == "IMAGE" and i.ConceptNameCodeSequence[0].CodeValue == "121233"
+    }
+    on_slices = {str(dss[k].SOPInstanceUID) for k in np.unique(np.argwhere(mask)[:, 0])}
+    assert sources == on_slices  # the source images of the segment's frames
+    assert readback(sr).diagnoses == {"25370001": pytest.approx(0.4)}
