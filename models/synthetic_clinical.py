@@ -50,6 +50,7 @@ from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
 __all__ = [
     "SyntheticClinical",
     "measured_findings",
+    "reference_findings",
     "sample_truth",
     "synthesize_clinical",
 ]
@@ -570,7 +571,9 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
     10 % of cases get a small false-positive liver nodule. Lesions under 10 mm
     are missed a quarter of the time (under 6 mm half), pancreatic lesions
     isoattenuating to the gland are missed, and contrast timing shifts every
-    attenuation of a case by the same N(0, 10) HU.
+    attenuation of a case by the same N(0, 10) HU. ``extra["truth_lesion_of"]``
+    maps each measured lesion's number to the truth lesion it measures (0 for a
+    false positive), so evaluations can tell a missed lesion from a mis-measured one.
     """
     q = truth.organ_qualities
     tiny = np.zeros((1, 1, 1), dtype=bool)
@@ -625,6 +628,9 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
         ),
     ]
     lesions: list[LesionFinding] = []
+    truth_of: dict[
+        int, int
+    ] = {}  # measured lesion number -> truth lesion number (0: false positive)
     candidates = list(truth.lesions)
     if rng.uniform() < 0.10:
         candidates.append(
@@ -651,6 +657,7 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
         short = long * float(rng.uniform(0.6, 0.95))
         mean = truth_hu + shift + float(rng.normal(0, 6))
         n = len(lesions) + 1
+        truth_of[n] = les.number
         lesions.append(
             LesionFinding(
                 number=n,
@@ -678,4 +685,95 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
         contrast_phase=truth.phase,
         notes=("image features from ground-truth case + measurement noise, not from the network",),
     )
-    return Findings(tuple(organs), tuple(lesions), (), (), prov)
+    return Findings(
+        tuple(organs), tuple(lesions), (), (), prov, extra={"truth_lesion_of": truth_of}
+    )
+
+
+def reference_findings(truth: CaseTruth) -> Findings:
+    """The case truth itself as findings: every lesion, exact sizes and attenuation,
+    lesion kinds as generated, organ measurements without noise.
+
+    What a perfect segmentation and measurement would give; report metrics on
+    these bound what the report generator can reach on its own (anything missed
+    here is missed by the classifier or the report, not by detection).
+    """
+    q = truth.organ_qualities
+    tiny = np.zeros((1, 1, 1), dtype=bool)
+
+    def organ(
+        o: Organ, vol: str, dv: float, hu: str | None, dh: float, **qual: str
+    ) -> OrganFinding:
+        return OrganFinding(
+            o,
+            tiny,
+            float(q.get(vol, dv)) if vol else 1.0,
+            float(q.get(hu, dh)) if hu else None,
+            qualities={k: float(q[v]) for k, v in qual.items() if v in q},
+        )
+
+    organs = [
+        organ(
+            Organ.LIVER,
+            "liver_volume_ml",
+            1600,
+            "liver_mean_hu",
+            105,
+            contour_nodularity="cirrhotic_contour",
+        ),
+        organ(Organ.SPLEEN, "spleen_volume_ml", 200, "spleen_mean_hu", 110),
+        organ(
+            Organ.PANCREAS,
+            "pancreas_volume_ml",
+            70,
+            "pancreas_mean_hu",
+            100,
+            duct_diameter_mm="pancreatic_duct_mm",
+            peripancreatic_stranding="peripancreatic_stranding",
+        ),
+        organ(
+            Organ.GALLBLADDER,
+            "gallbladder_volume_ml",
+            35,
+            "gallbladder_mean_hu",
+            10,
+            wall_mm="gallbladder_wall_mm",
+        ),
+        organ(Organ.BILE_DUCT, "", 1.0, None, 0.0, cbd_mm="cbd_mm"),
+    ]
+    lesions = [
+        LesionFinding(
+            number=les.number,
+            organ=les.organ,
+            kind=les.kind,
+            mask=tiny,
+            volume_ml=float(np.pi / 6 * les.diameter_mm * (0.8 * les.diameter_mm) ** 2 / 1000.0),
+            long_axis=Axis((0, 0, 0), (0, 0, 1), round(les.diameter_mm, 1)),
+            short_axis=Axis((0, 0, 0), (0, 1, 0), round(0.8 * les.diameter_mm, 1)),
+            key_slice=int(les.centroid_krc[0]),
+            centroid_lps=(0.0, 0.0, 0.0),
+            sub_site=les.sub_site,
+            mean_intensity=les.mean_hu,
+            std_intensity=10.0,
+            confidence=1.0,
+        )
+        for les in truth.lesions
+    ]
+    prov = Provenance(
+        model_name="synthetic-reference",
+        model_version="0",
+        weights_sha256="",
+        pipeline_version="synthetic",
+        input_series_uid="",
+        input_sop_uids=(),
+        contrast_phase=truth.phase,
+        notes=("findings are the case truth (no detection or measurement error)",),
+    )
+    return Findings(
+        tuple(organs),
+        tuple(lesions),
+        (),
+        (),
+        prov,
+        extra={"truth_lesion_of": {les.number: les.number for les in truth.lesions}},
+    )
