@@ -151,6 +151,61 @@ class IntensityNorm:
 
 
 @dataclass(frozen=True)
+class PostProcess:
+    """How probabilities become labels (``hpb_node.postprocess`` in ``configs/metadata.json``;
+    absent: the plain argmax).
+
+    ``lesion_threshold``: a voxel is lesion when its lesion probability reaches this
+    (None: when the lesion channel wins the argmax). ``lesion_seed_threshold``: a
+    lesion component is kept only if its highest lesion probability reaches this
+    (None: no such requirement). ``organ_thresholds``: organ name -> probability at or
+    above which a voxel the argmax left as background joins that organ.
+    """
+
+    lesion_threshold: float | None = None
+    lesion_seed_threshold: float | None = None
+    organ_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        named = [("lesion_threshold", self.lesion_threshold)]
+        named.append(("lesion_seed_threshold", self.lesion_seed_threshold))
+        named += [(f"organ_thresholds.{k}", v) for k, v in self.organ_thresholds.items()]
+        for name, value in named:
+            if value is not None and not (isinstance(value, int | float) and 0.0 < value < 1.0):
+                raise BundleError(f"postprocess {name} must be a probability in (0, 1)")
+
+    @classmethod
+    def from_json(cls, data: Any, organs: set[str]) -> PostProcess:
+        if not isinstance(data, Mapping):
+            raise BundleError("postprocess must be a JSON object")
+        unknown = sorted(
+            set(data) - {"lesion_threshold", "lesion_seed_threshold", "organ_thresholds"}
+        )
+        if unknown:
+            raise BundleError(f"postprocess: unknown field(s) {', '.join(unknown)}")
+        thresholds = data.get("organ_thresholds") or {}
+        if not isinstance(thresholds, Mapping):
+            raise BundleError("postprocess organ_thresholds must map organ names to numbers")
+        bad = sorted(set(thresholds) - organs)
+        if bad:
+            raise BundleError(
+                f"postprocess organ_thresholds: not an organ channel: {', '.join(bad)}"
+            )
+        return cls(
+            lesion_threshold=data.get("lesion_threshold"),
+            lesion_seed_threshold=data.get("lesion_seed_threshold"),
+            organ_thresholds={str(k): v for k, v in thresholds.items()},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lesion_threshold": self.lesion_threshold,
+            "lesion_seed_threshold": self.lesion_seed_threshold,
+            "organ_thresholds": dict(self.organ_thresholds),
+        }
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A loaded, checked bundle. Build the network with :meth:`network`."""
 
@@ -169,6 +224,7 @@ class Bundle:
     trusted: bool = False
     overlap: float = 0.25
     extra: dict[str, Any] = field(default_factory=dict)
+    postprocess: PostProcess = field(default_factory=PostProcess)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -333,6 +389,11 @@ def load_bundle(path: Path | str | None = None, *, trusted: bool = False) -> Bun
         )
     if not (root / "docs" / "README.md").is_file():
         raise BundleError(f"bundle {root}: docs/README.md (model card) is missing")
+    organ_names = {o.value for o in Organ} & names
+    try:
+        post = PostProcess.from_json(hpb.get("postprocess", {}), organ_names)
+    except BundleError as exc:
+        raise BundleError(f"bundle {root}: {mwhere}: hpb_node.{exc}") from None
 
     return Bundle(
         root=root,
@@ -350,6 +411,7 @@ def load_bundle(path: Path | str | None = None, *, trusted: bool = False) -> Bun
         trusted=trusted,
         overlap=float(hpb.get("overlap", 0.25)),
         extra={"inference_config": infer},
+        postprocess=post,
     )
 
 

@@ -10,12 +10,16 @@ Steps of :func:`segment`:
 3. resample (trilinear) to the bundle's spacing;
 4. intensity normalisation: a fixed window for CT (HU), percentiles for MR;
 5. sliding-window inference (``monai.inferers.sliding_window_inference``,
-   Gaussian blending) on CPU or GPU; softmax, argmax;
+   Gaussian blending) on CPU or GPU; softmax; labels from the probabilities
+   (:func:`labels_from_probs`) as the bundle's declared post-processing says
+   (:class:`models.bundle.PostProcess`): the argmax, with optional thresholds
+   below it for the lesion channel and for chosen organs;
 6. post-processing on the network grid: the largest connected component of
    each organ; lesions split into 3-D connected components, those smaller than
-   the bundle's ``min_lesion_ml`` dropped, those touching no organ dropped;
-   each lesion assigned to the organ it touches most, and its voxels added to
-   that organ's mask (an organ's volume includes its lesions);
+   the bundle's ``min_lesion_ml`` dropped, those whose highest lesion
+   probability stays under ``lesion_seed_threshold`` dropped, those touching no
+   organ dropped; each lesion assigned to the organ it touches most, and its
+   voxels added to that organ's mask (an organ's volume includes its lesions);
 7. labels back to the source grid (nearest neighbour), masks on the source grid.
 
 :func:`analyse` adds the measurements (:mod:`models.measure`) and provenance and
@@ -204,6 +208,35 @@ def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return out
 
 
+def labels_from_probs(probs: torch.Tensor, bundle: Bundle) -> npt.NDArray[np.uint8]:
+    """Channel labels from softmax probabilities ``(C, D, H, W)``: the argmax, then the
+    bundle's thresholds (:class:`models.bundle.PostProcess`). A voxel left as background
+    whose probability of an organ in ``organ_thresholds`` reaches that threshold joins
+    the organ (the most probable such organ); with a ``lesion_threshold`` a voxel is
+    lesion exactly when its lesion probability reaches it (a voxel the argmax called
+    lesion below the threshold gets its most probable other channel)."""
+    post = bundle.postprocess
+    labels = probs.argmax(dim=0).numpy().astype(np.uint8)
+    organ_ch = {o.value: ch for o, ch in bundle.organ_channels.items()}
+    best = np.zeros(labels.shape, dtype=np.float32)
+    for name, threshold in post.organ_thresholds.items():
+        ch = organ_ch[name]
+        p = probs[ch].numpy()
+        sel = (labels == 0) & (p >= threshold) & (p > best)
+        labels[sel] = ch
+        best[sel] = p[sel]
+    les = bundle.lesion_channel
+    if les >= 0 and post.lesion_threshold is not None:
+        p_les = probs[les].numpy()
+        below = (labels == les) & (p_les < post.lesion_threshold)
+        if below.any():
+            others = probs.clone()
+            others[les] = -1.0
+            labels[below] = others.argmax(dim=0).numpy().astype(np.uint8)[below]
+        labels[p_les >= post.lesion_threshold] = les
+    return labels
+
+
 def postprocess(
     labels: npt.NDArray[Any],
     lesion_prob: npt.NDArray[np.float32],
@@ -231,6 +264,7 @@ def postprocess(
     organs: dict[int, Organ] = {}
     conf: dict[int, float] = {}
     if n:
+        seed = bundle.postprocess.lesion_seed_threshold
         min_voxels = max(1, int(np.ceil(bundle.min_lesion_ml / voxel_ml)))
         sizes = np.bincount(comp.ravel(), minlength=n + 1)
         boxes = ndimage.find_objects(comp)
@@ -245,6 +279,8 @@ def postprocess(
                 for s in boxes[idx]  # type: ignore[union-attr]
             )
             m = comp[box] == lab
+            if seed is not None and float(lesion_prob[box][m].max()) < seed:
+                continue  # no voxel the network is confident about: not reported
             shell = ndimage.binary_dilation(m, structure=_STRUCT26, iterations=2) & ~m
             touching = out[box][shell]
             touching = touching[touching > 0]
@@ -319,8 +355,8 @@ def segment_array(
     except RuntimeError as exc:  # torch out-of-memory, device errors
         raise InferenceError(f"the network failed on device {device}: {exc}") from exc
     del x
-    conf_max, labels_t = probs.max(dim=0)
-    labels = labels_t.numpy().astype(np.uint8)
+    conf_max = probs.max(dim=0).values
+    labels = labels_from_probs(probs, bundle)
     lesion_prob = (
         probs[bundle.lesion_channel].numpy().astype(np.float32)
         if bundle.lesion_channel >= 0

@@ -371,6 +371,18 @@ class TrainConfig:
     version: str = "0.1.0"
     min_lesion_ml: float = 0.1
     command: str = ""
+    #: start from these weights (a bundle's ``models/model.pt`` or a checkpoint) instead
+    #: of a random initialisation: fine-tuning; ignored when resuming
+    init_weights: Path | None = None
+    #: patch-centre sampling weight per channel name (defaults: :data:`CLASS_WEIGHTS`)
+    sampling_weights: dict[str, float] = field(default_factory=dict)
+    #: loss weight per channel name (Dice and cross-entropy; default 1 for every class)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    #: Dice over the whole batch instead of per patch, so that a patch without a small
+    #: class (a lesion) does not push that class's probability down everywhere
+    batch_dice: bool = False
+    #: post-processing parameters written to the bundle (``hpb_node.postprocess``)
+    postprocess: dict[str, Any] = field(default_factory=dict)
 
     def network_def(self) -> dict[str, Any]:
         if self.network == "demo":
@@ -520,19 +532,40 @@ def train(config: TrainConfig, progress: Callable[[str], None] | None = None) ->
     def cosine(frac: float) -> float:
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
 
-    weights_by_ch = {ch: CLASS_WEIGHTS.get(name, 1.0) for ch, name in DEFAULT_LABELS.items()}
+    sampling = {**CLASS_WEIGHTS, **config.sampling_weights}
+    weights_by_ch = {ch: sampling.get(name, 1.0) for ch, name in DEFAULT_LABELS.items()}
     case_p = np.array([max(c.weight, 0.0) for c in train_cases], dtype=np.float64)
     if case_p.sum() <= 0:
         raise TrainError("every training case has weight 0")
     case_p /= case_p.sum()
 
     net = build_network(config.network_def())
+    if config.init_weights is not None and not config.resume:
+        init = torch.load(config.init_weights, map_location="cpu", weights_only=True)
+        if isinstance(init, dict) and isinstance(init.get("model"), dict):
+            init = init["model"]
+        try:
+            net.load_state_dict(init)
+        except RuntimeError as exc:
+            raise TrainError(f"--init-weights {config.init_weights}: {exc}") from exc
+        say(f"initialised from {config.init_weights}")
     opt = torch.optim.AdamW(
         net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     total = config.epochs * config.iterations_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: cosine(it / max(total, 1)))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    unknown = sorted(set(config.loss_weights) - set(DEFAULT_LABELS.values()))
+    if unknown:
+        raise TrainError(f"loss weights for unknown class(es): {', '.join(unknown)}")
+    class_w = torch.tensor(
+        [float(config.loss_weights.get(name, 1.0)) for _, name in sorted(DEFAULT_LABELS.items())]
+    )
+    loss_fn = DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        batch=config.batch_dice,
+        weight=class_w if config.loss_weights else None,
+    )
     config.workdir.mkdir(parents=True, exist_ok=True)
     last, best_path = config.workdir / "last.pt", config.workdir / "best.pt"
     history: list[dict[str, Any]] = []
@@ -675,6 +708,7 @@ def export(
                 "validation_dice": result.best_dice,
                 "cases": sources,
                 "command": config.command,
-            }
+            },
+            **({"postprocess": dict(config.postprocess)} if config.postprocess else {}),
         },
     )

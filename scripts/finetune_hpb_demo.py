@@ -1,0 +1,91 @@
+"""Fine-tune the shipped hpb_demo weights with more weight on lesions (see docs/model-card.md).
+
+    .venv/bin/python scripts/finetune_hpb_demo.py --data var/model/synth_train \\
+        --shared ../shared/data --workdir var/model/finetune1 --minutes 50 --threads 1
+
+``--data`` is a synthetic dataset from ``hpb-node synth`` (training seeds only:
+cases whose seed ends in 9 are left out, as for the shipped run); the real
+TotalSegmentator example CT and MR from ``--shared`` are added with sampling
+weight 8. Checkpoints go to ``--workdir``; nothing is exported to a bundle here
+(the post-processing thresholds are tuned on validation cases afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.backends import totalseg_manifest_rows  # noqa: E402
+from models.bundle import DEMO_BUNDLE  # noqa: E402
+from models.train import TrainConfig, train  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--init", type=Path, default=DEMO_BUNDLE / "models" / "model.pt")
+    ap.add_argument("--minutes", type=float, default=50.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lesion-sampling", type=float, default=6.0)
+    ap.add_argument("--lesion-loss", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in sorted((args.data.resolve() / "cases").iterdir()):
+        seed = int(case.name.rsplit("-", 1)[1])
+        if not (case / "truth.json").is_file():
+            continue
+        truth = json.loads((case / "truth.json").read_text())
+        rows.append(
+            {
+                "case_id": case.name,
+                "image": str(case / "image.nii.gz"),
+                "label": str(case / "organ_labels.nii.gz"),
+                "lesions": str(case / "lesion_labels.nii.gz"),
+                "modality": truth.get("modality", "CT"),
+                # seeds ending in 9 were validation for the shipped run: not trained on
+                "split": "val" if seed % 10 == 9 else "train",
+            }
+        )
+    for row in totalseg_manifest_rows(args.shared):
+        rows.append({**row, "weight": 8.0})
+    manifest = args.workdir / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = TrainConfig(
+        manifests=[manifest],
+        workdir=args.workdir,
+        spacing_mm=(4.0, 2.5, 2.5),
+        roi_size=(32, 64, 64),
+        epochs=10_000,
+        iterations_per_epoch=20,
+        batch_size=3,
+        learning_rate=args.lr,
+        max_minutes=args.minutes,
+        max_val_cases=0,
+        val_every=10_000,
+        threads=args.threads,
+        seed=args.seed,
+        init_weights=args.init,
+        sampling_weights={"lesion": args.lesion_sampling},
+        loss_weights={"lesion": args.lesion_loss},
+        batch_dice=True,
+        command=" ".join(sys.argv),
+    )
+    result = train(config, progress=print)
+    print(json.dumps({"epochs_run": result.epochs_run, "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

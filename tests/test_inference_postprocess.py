@@ -1,0 +1,117 @@
+"""Declared post-processing (``hpb_node.postprocess``): thresholds below the argmax for the
+lesion channel and chosen organs, a seed threshold per lesion component, and the bundle
+contract that refuses bad values."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import Bundle, BundleError, PostProcess, load_bundle
+from models.inference import labels_from_probs, postprocess
+from models.vocab import Organ
+from tests.test_bundle import make_tiny_bundle
+
+LIVER, GALLBLADDER, LESION = 1, 2, 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("b") / "tiny"))
+
+
+def test_argmax_is_the_default(tiny: Bundle) -> None:
+    assert tiny.postprocess == PostProcess()
+    p = torch.zeros((9, 2, 2, 2))
+    p[0] = 0.6
+    p[LESION] = 0.4
+    p[LESION, 0, 0, 0], p[0, 0, 0, 0] = 0.7, 0.3
+    labels = labels_from_probs(p, tiny)
+    assert labels[0, 0, 0] == LESION
+    assert int((labels == LESION).sum()) == 1
+
+
+def test_lesion_threshold_below_the_argmax(tiny: Bundle) -> None:
+    p = torch.zeros((9, 1, 1, 3))
+    p[LIVER] = torch.tensor([0.7, 0.8, 0.45])
+    p[LESION] = torch.tensor([0.3, 0.2, 0.55])
+    bundle = replace(tiny, postprocess=PostProcess(lesion_threshold=0.25))
+    # 0.3 >= 0.25: lesion although the liver wins the argmax; 0.2: liver
+    assert labels_from_probs(p, bundle)[0, 0].tolist() == [LESION, LIVER, LESION]
+    # a threshold above the argmax: the voxel the argmax called lesion gets its next channel
+    bundle = replace(tiny, postprocess=PostProcess(lesion_threshold=0.6))
+    assert labels_from_probs(p, bundle)[0, 0].tolist() == [LIVER, LIVER, LIVER]
+
+
+def test_organ_threshold_only_claims_background(tiny: Bundle) -> None:
+    p = torch.zeros((9, 1, 1, 3))
+    p[0] = torch.tensor([0.7, 0.9, 0.1])
+    p[GALLBLADDER] = torch.tensor([0.3, 0.1, 0.3])
+    p[LIVER] = torch.tensor([0.0, 0.0, 0.6])
+    bundle = replace(tiny, postprocess=PostProcess(organ_thresholds={"gallbladder": 0.25}))
+    # voxel 0: background by argmax, gallbladder 0.3 >= 0.25 -> gallbladder;
+    # voxel 1: 0.1 < 0.25 stays background; voxel 2: the liver won the argmax, kept
+    assert labels_from_probs(p, bundle)[0, 0].tolist() == [GALLBLADDER, 0, LIVER]
+    assert labels_from_probs(p, tiny)[0, 0].tolist() == [0, 0, LIVER]
+
+
+def test_seed_threshold_drops_lesions_without_a_confident_voxel(tiny: Bundle) -> None:
+    lab = np.zeros((20, 40, 40), np.uint8)
+    lab[2:18, 2:38, 2:38] = LIVER
+    lab[4:8, 4:8, 4:8] = LESION  # confident somewhere: kept
+    lab[12:16, 20:24, 20:24] = LESION  # never above 0.4: dropped
+    prob = np.zeros(lab.shape, np.float32)
+    prob[4:8, 4:8, 4:8] = 0.3
+    prob[5, 5, 5] = 0.8
+    prob[12:16, 20:24, 20:24] = 0.35
+    bundle = replace(tiny, postprocess=PostProcess(lesion_threshold=0.3, lesion_seed_threshold=0.5))
+    _, inst, organs, conf = postprocess(lab, prob, bundle, voxel_ml=0.027)
+    assert conf[1] == pytest.approx(float(prob[4:8, 4:8, 4:8].mean()))
+    assert set(np.unique(inst)) == {0, 1}
+    assert inst[5, 5, 5] == 1 and inst[13, 21, 21] == 0
+    assert organs == {1: Organ.LIVER}
+    _, inst, _, _ = postprocess(lab, prob, tiny, voxel_ml=0.027)
+    assert set(np.unique(inst)) == {0, 1, 2}  # without the seed threshold both are kept
+
+
+def _with_post(tmp_path: Path, post: Any) -> Path:
+    root = make_tiny_bundle(tmp_path / "b")
+    meta_path = root / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["hpb_node"]["postprocess"] = post
+    meta_path.write_text(json.dumps(meta))
+    return root
+
+
+def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
+    post = {
+        "lesion_threshold": 0.2,
+        "lesion_seed_threshold": 0.5,
+        "organ_thresholds": {"gallbladder": 0.3},
+    }
+    bundle = load_bundle(_with_post(tmp_path, post))
+    assert bundle.postprocess == PostProcess(0.2, 0.5, {"gallbladder": 0.3})
+    assert bundle.postprocess.to_json() == post
+
+
+@pytest.mark.parametrize(
+    ("post", "message"),
+    [
+        ({"lesion_threshold": 1.5}, "lesion_threshold must be a probability"),
+        ({"lesion_seed_threshold": 0}, "lesion_seed_threshold must be a probability"),
+        ({"organ_thresholds": {"gallbladder": "high"}}, "organ_thresholds.gallbladder"),
+        ({"organ_thresholds": {"heart": 0.3}}, "not an organ channel: heart"),
+        ({"lesion_threshhold": 0.2}, "unknown field"),
+        ([0.2], "must be a JSON object"),
+    ],
+)
+def test_bundle_refuses_bad_postprocess(tmp_path: Path, post: Any, message: str) -> None:
+    with pytest.raises(BundleError, match=message) as err:
+        load_bundle(_with_post(tmp_path, post))
+    assert "hpb_node.postprocess" in str(err.value)
