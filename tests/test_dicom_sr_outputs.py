@@ -497,3 +497,47 @@ def test_single_segment_seg_gets_its_sr(shared_data: Path, tmp_path: Path, only:
     on_slices = {str(dss[k].SOPInstanceUID) for k in np.unique(np.argwhere(mask)[:, 0])}
     assert sources == on_slices  # the source images of the segment's frames
     assert readback(sr).diagnoses == {"25370001": pytest.approx(0.4)}
+
+
+# dicom3tools 2022 knows only Segmentation Storage as a segmentation, so it
+# objects to Referenced Segment Number on a reference to a Label Map
+# Segmentation (2024), which the Image Reference Macro requires for any
+# segmentation (docs/dicom-outputs.md).
+LABELMAP_SR_REFERENCE = (
+    "Error - Shall not be present for Referenced SOP Class that is not segmentation - "
+    "attribute <ReferencedSegmentNumber>"
+)
+
+
+def test_sr_referencing_a_labelmap_seg(case: Case, tmp_path: Path) -> None:
+    from tests.test_dicom_sr_seg import (
+        LABELMAP_SOP_CLASS,
+        SEGMENTATION_SOP_CLASS,
+        dciodvfy_errors,
+    )
+
+    options = OutputOptions(pipeline_version="lm", labelmap=True)
+    objects = dict(build_all(case.findings, case.sources, options)[:2])
+    seg, sr = objects["seg"], objects["sr"]
+    assert seg.SOPClassUID == LABELMAP_SOP_CLASS
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    seg.save_as(seg_path, enforce_file_format=True)
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(seg_path) == []
+
+    read = read_sr(sr_path)
+    refs = [g.referenced_segment for g in read.groups if g.referenced_segment]
+    numbers = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    assert len(refs) == len(case.findings.organs) + len(case.findings.lesions)
+    assert {n for _, n in refs} == set(numbers) - {0}  # every segment but the background
+    errors = [line for line in _run("dciodvfy", str(sr_path)).splitlines() if "Error" in line]
+    assert errors == [LABELMAP_SR_REFERENCE] * len(refs)
+
+    # the same SR referencing the SEG as a Segmentation Storage instance is clean
+    def swap(ds: Dataset, elem: Any) -> None:
+        if elem.keyword == "ReferencedSOPClassUID" and elem.value == LABELMAP_SOP_CLASS:
+            elem.value = SEGMENTATION_SOP_CLASS
+
+    sr.walk(swap)
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert [line for line in _run("dciodvfy", str(sr_path)).splitlines() if "Error" in line] == []
