@@ -8,6 +8,7 @@ import threading
 import warnings
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -35,7 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from node.db import Instance, Series, SeriesState, Study
-from node.ingest import ACCEPTED_TRANSFER_SYNTAXES
+from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, handle_store, received_part10
 from node.registry import body_offset
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ingest_node import ct_series, running_node
@@ -322,7 +323,9 @@ def _send_chunks(port: int, chunks: list[list[Dataset]]) -> list[int]:
 
 
 def test_concurrent_associations_into_one_series(tmp_path: Path) -> None:
-    datasets = [dcmread(f) for f in ct_series(tmp_path / "in", n=24, seed="concurrent")]
+    datasets: list[Dataset] = [
+        dcmread(f) for f in ct_series(tmp_path / "in", n=24, seed="concurrent")
+    ]
     with running_node(tmp_path) as node:
         statuses = _send_chunks(node.port, [datasets[i::4] for i in range(4)])
         assert statuses == [0] * 24
@@ -330,9 +333,32 @@ def test_concurrent_associations_into_one_series(tmp_path: Path) -> None:
             series = s.scalars(select(Series)).one()
             assert series.instance_count == 24  # no lost increments
             series.state = SeriesState.COMPLETE
-        late = [dcmread(f) for f in ct_series(tmp_path / "late", n=28, seed="concurrent")[24:]]
+        late: list[Dataset] = [
+            dcmread(f) for f in ct_series(tmp_path / "late", n=28, seed="concurrent")[24:]
+        ]
         assert _send_chunks(node.port, [late[:2], late[2:]]) == [0] * 4
         with node.sessions() as s:
             series = s.scalars(select(Series)).one()
             assert series.instance_count == 28
             assert series.generation == 2  # re-opened once, not once per instance
+
+
+def test_received_part10_is_pynetdicoms_encoded_dataset(tmp_path: Path) -> None:
+    """The handler's one-copy Part 10 stream has the bytes of ``encoded_dataset()``."""
+    files = ct_series(tmp_path / "in", n=2, size=64, seed="part10")
+    compared: list[bool] = []
+    with running_node(tmp_path) as node:
+        server = node.scp._server
+        assert server is not None
+
+        def comparing(event: evt.Event, *args: Any) -> int:
+            compared.append(received_part10(event) == event.encoded_dataset(include_meta=True))
+            return handle_store(event, *args)
+
+        server.unbind(evt.EVT_C_STORE, handle_store)
+        server.bind(evt.EVT_C_STORE, comparing, [node.store, node.scp.assoc_log])
+        assert storescu(node.port, files).returncode == 0
+        assert node.instance_count() == 2
+    assert compared == [True, True]
+    for sent in files:
+        assert _body(_spooled(node.spool_root, sent)) == _body(sent)
