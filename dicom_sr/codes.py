@@ -55,13 +55,16 @@ class OrganCoding:
 LEFT = sct("7771000", "Left")
 RIGHT = sct("24028007", "Right")
 
+# Colours follow the TotalSegmentator mapping except liver, pancreas and spleen:
+# there they are three near-identical greens (40,140,40 / 60,150,80 / 50,170,60),
+# which a viewer shows as one colour, so this project gives them distinct hues.
 ORGANS: dict[Organ, OrganCoding] = {
-    Organ.LIVER: OrganCoding("Liver", sct("10200004", "Liver"), None, (40, 140, 40)),
+    Organ.LIVER: OrganCoding("Liver", sct("10200004", "Liver"), None, (170, 120, 70)),
     Organ.GALLBLADDER: OrganCoding(
         "Gallbladder", sct("28231008", "Gallbladder"), None, (54, 216, 119)
     ),
-    Organ.PANCREAS: OrganCoding("Pancreas", sct("15776009", "Pancreas"), None, (60, 150, 80)),
-    Organ.SPLEEN: OrganCoding("Spleen", sct("78961009", "Spleen"), None, (50, 170, 60)),
+    Organ.PANCREAS: OrganCoding("Pancreas", sct("15776009", "Pancreas"), None, (249, 180, 111)),
+    Organ.SPLEEN: OrganCoding("Spleen", sct("78961009", "Spleen"), None, (157, 108, 162)),
     Organ.PORTAL_SPLENIC_VEIN: OrganCoding(
         "Portal and splenic vein",
         sct("110765007", "Portal vein and splenic vein"),

@@ -223,6 +223,33 @@ def test_sr_content_reads_back(case: Case) -> None:
     assert "hepatocellular carcinoma" in sr.impression_text
 
 
+def test_seg_segments_have_distinct_colours(case: Case) -> None:
+    """Liver, pancreas and spleen are three near-identical greens in the TotalSegmentator
+    mapping; the SEG gives every segment a colour a viewer shows apart (CIEDE2000 >= 15)."""
+    from skimage.color import deltaE_ciede2000
+
+    (seg_path,) = case.paths["seg"]
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    lab = {
+        str(s.SegmentLabel): np.array(
+            [
+                int(s.RecommendedDisplayCIELabValue[0]) / 65535 * 100,
+                int(s.RecommendedDisplayCIELabValue[1]) / 65535 * 255 - 128,
+                int(s.RecommendedDisplayCIELabValue[2]) / 65535 * 255 - 128,
+            ]
+        )
+        for s in seg.SegmentSequence
+    }
+    assert len(lab) == 6
+    close = [
+        (a, b)
+        for i, a in enumerate(lab)
+        for b in list(lab)[i + 1 :]
+        if float(deltaE_ciede2000(lab[a], lab[b])) < 15
+    ]
+    assert close == []
+
+
 def test_seg_reads_back_on_source_grid(case: Case) -> None:
     (seg_path,) = case.paths["seg"]
     got = read_seg(seg_path, list(case.findings.provenance.input_sop_uids))

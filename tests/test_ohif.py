@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from skimage.color import lab2rgb
 
 from dicom_sr.codes import ORGANS
 from tests.support.ohif_server import DIST, OHIF_DIR, OhifServer
@@ -43,6 +45,18 @@ def chromatic_pixels(png: Path) -> int:
     """Pixels whose colour is clearly not grey (overlays; the CT itself is grey)."""
     rgb = np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
     return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum())
+
+
+def lab_to_rgb(lab: Any) -> tuple[int, int, int]:
+    """DICOM-scaled CIELab (RecommendedDisplayCIELabValue) to 8-bit sRGB."""
+    scaled = [
+        int(lab[0]) / 65535 * 100,
+        int(lab[1]) / 65535 * 255 - 128,
+        int(lab[2]) / 65535 * 255 - 128,
+    ]
+    rgb = lab2rgb(np.array([[scaled]], dtype=np.float64))[0, 0]
+    r, g, b = (int(v) for v in np.rint(rgb * 255))
+    return r, g, b
 
 
 def error_boundaries(result: dict[str, Any]) -> list[str]:
@@ -165,6 +179,17 @@ def test_seg_opens_as_overlay_with_its_segment_labels(
     assert len(shown) == len(labels)
     for number, label in enumerate(labels, start=1):
         assert f"{number} {label}" in shown
+    # each segment in the colour the SEG recommends, and the organs tell apart
+    colours = [tuple(int(v) for v in re.findall(r"\d+", c)) for c in seg["segmentColors"]]
+    seg_full = pydicom.dcmread(seg_ds, stop_before_pixels=True)
+    for shown_rgb, item in zip(colours, seg_full.SegmentSequence, strict=True):
+        want = lab_to_rgb(item.RecommendedDisplayCIELabValue)
+        assert all(abs(a - b) <= 2 for a, b in zip(shown_rgb, want, strict=True)), (
+            item.SegmentLabel,
+            shown_rgb,
+            want,
+        )
+    assert len(set(colours)) == len(colours), colours
     # the overlay is drawn: coloured pixels where the CT alone has none
     before = chromatic_pixels(out / "seg-before.png")
     after = chromatic_pixels(out / "seg.png")

@@ -46,6 +46,9 @@ async function runSeg(page, plan, sc, out) {
   await rows.first().waitFor({ timeout: plan.timeoutMs });
   await page.waitForTimeout(1500); // let the overlay render after the panel opened
   out.segments = (await rows.allInnerTexts()).map((t) => t.replace(/\s+/g, ' ').trim());
+  out.segmentColors = await rows.evaluateAll((rs) =>
+    rs.map((r) => (r.querySelector('span.rounded-full') || { style: {} }).style.backgroundColor || ''),
+  );
 }
 
 async function runSr(page, plan, sc, out) {
