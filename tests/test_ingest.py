@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import warnings
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import select
 
-from node.db import Instance, Series, SeriesState, Study
+from node.db import Instance, Series, SeriesState, Study, create_engine_for, session_factory
 from node.ingest import ACCEPTED_TRANSFER_SYNTAXES, handle_store, received_part10
-from node.registry import body_offset
+from node.migrate import upgrade
+from node.registry import InstanceHeader, Recorded, body_offset, find_stored, record_instance
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ingest_node import ct_series, running_node
 
@@ -362,3 +364,66 @@ def test_received_part10_is_pynetdicoms_encoded_dataset(tmp_path: Path) -> None:
     assert compared == [True, True]
     for sent in files:
         assert _body(_spooled(node.spool_root, sent)) == _body(sent)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_record_instance_counts_reopens_and_refreshes(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The Core statements of record_instance on both database backends."""
+    url = (
+        f"sqlite:///{tmp_path / 'node.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    upgrade(url)
+    engine = create_engine_for(url)
+    sessions = session_factory(engine)
+    study, series_uid = "1.2.826.0.1.3680043.10.9999.1", "1.2.826.0.1.3680043.10.9999.1.2"
+
+    def header(n: int, rows: int = 16) -> InstanceHeader:
+        return InstanceHeader(
+            sop_class_uid=str(CTImageStorage),
+            sop_instance_uid=f"{series_uid}.{n}",
+            study_uid=study,
+            series_uid=series_uid,
+            transfer_syntax_uid=str(ExplicitVRLittleEndian),
+            size=100 + n,
+            sha256=f"{n:064d}",
+            modality="CT",
+            rows=rows,
+            columns=16,
+            has_pixel_data=True,
+            has_position=True,
+        )
+
+    def record(h: InstanceHeader) -> Recorded:
+        with sessions.begin() as s:
+            existing = find_stored(s, h.sop_instance_uid)
+            return record_instance(s, h, f"p/{h.sop_instance_uid}", "AE", existing=existing)
+
+    try:
+        first = record(header(1))
+        assert first.new_series and not first.reopened
+        assert not record(header(2)).new_series
+        with sessions.begin() as s:
+            row = s.scalars(select(Series)).one()
+            assert (row.instance_count, row.generation, row.state) == (2, 1, SeriesState.RECEIVING)
+            row.state = SeriesState.COMPLETE
+        late = record(header(3, rows=32))  # late, and of other dimensions
+        assert late.reopened and late.series_id == first.series_id
+        assert not record(header(4)).reopened
+        again = record(replace(header(2), sha256="f" * 64))  # re-sent after a purge
+        assert not again.reopened
+        with sessions() as s:
+            row = s.scalars(select(Series)).one()
+            assert (row.instance_count, row.generation, row.state) == (4, 2, SeriesState.RECEIVING)
+            assert row.completed_at is None
+            assert f"{series_uid}.3 is 32x16, the series 16x16" in row.ingest_issues
+            assert s.scalars(select(Study)).one().study_instance_uid == study
+            refreshed = s.scalars(
+                select(Instance).where(Instance.sop_instance_uid == f"{series_uid}.2")
+            ).one()
+            assert refreshed.sha256 == "f" * 64
+    finally:
+        engine.dispose()
