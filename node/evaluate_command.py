@@ -99,7 +99,7 @@ def sr_reader(path: Path) -> SRContent:
     volumes: dict[str, float] = {}
     for i, g in enumerate(sr.groups):
         where = group_structure(g.tracking_id, g.finding_sites[0][2] if g.finding_sites else "")
-        for m in g.measurements:
+        for m in g.measurements if not is_lesion_label(g.tracking_id) else ():
             factor = VOLUME_UNITS_ML.get(m.unit[0] if m.unit else "")
             if m.name[2].lower() == "volume" and factor is not None:
                 volumes.setdefault(where, m.value * factor)

@@ -290,6 +290,8 @@ def sr_volumes_ml(measurements: Iterable[SRMeasurement]) -> tuple[tuple[str, flo
     found: dict[str, float] = {}
     for m in measurements:
         factor = VOLUME_UNITS_ML.get(m.unit)
+        if is_lesion_label(m.group):  # a lesion's finding site is not its volume's name
+            continue
         if m.name.lower() == "volume" and factor is not None:
             found.setdefault(group_structure(m.group, m.site), m.value * factor)
     return tuple(found.items())
