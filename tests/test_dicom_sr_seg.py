@@ -20,7 +20,7 @@ import numpy.typing as npt
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGLSLossless, RLELossless
+from pydicom.uid import UID, JPEGLSLossless, RLELossless
 
 from dicom_sr import BuildError, OutputOptions, build_seg, read_seg
 from dicom_sr.testing import findings_from_masks, flip_axes, rotate_affine, sphere
@@ -33,7 +33,7 @@ Masks = dict[str, npt.NDArray[np.bool_]]
 
 
 LABELMAP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
-SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.66.4")
 SEGMENT_ZERO = (
     "Error - SegmentNumber not monotonically increasing from one by one - have "
     "SegmentSequence item number 1 (from one) with SegmentNumber of 0"
