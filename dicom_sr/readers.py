@@ -348,7 +348,7 @@ class GroupRead:
 
 @dataclass
 class EvaluationRead:
-    """A CODE item of the report-level Qualitative Evaluations container (TID 1500 row 13)."""
+    """A CODE item of the report-level Qualitative Evaluations container (TID 1500)."""
 
     name: Code
     value: Code
