@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from sqlalchemy import Connection, Table, bindparam, case, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -229,11 +230,20 @@ def parse_instance(
         transfer_syntax = UID(_meta_transfer_syntax(data, offset))
         if transfer_syntax.is_transfer_syntax:
             _check_encoding(data[offset : offset + 8], transfer_syntax)
-        # large values (pixel data) are skipped, not copied: _check_pixel_data
-        # checks their length against the bytes present. A deflated data set is
-        # read from an inflated copy, where offsets into ``data`` do not apply.
-        defer = None if transfer_syntax.is_deflated else _DEFER_BYTES
-        ds = dcmread(BytesIO(data), force=False, defer_size=defer)
+        if transfer_syntax.is_transfer_syntax and not transfer_syntax.is_deflated:
+            # the data set only (the file meta is read above), and large values such
+            # as pixel data skipped, not copied: _check_pixel_data checks their length
+            # against the bytes present
+            stream = BytesIO(data)
+            stream.seek(offset)
+            ds = read_dataset(
+                stream,
+                transfer_syntax.is_implicit_VR,
+                transfer_syntax.is_little_endian,
+                defer_size=_DEFER_BYTES,
+            )
+        else:  # deflated (read from an inflated copy) or a transfer syntax pydicom guesses
+            ds = dcmread(BytesIO(data), force=False)
         sop_class = _uid(ds, "SOPClassUID")
         sop = _uid(ds, "SOPInstanceUID")
         study = _uid(ds, "StudyInstanceUID")
