@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import pstats
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,6 +63,13 @@ def make_series(out: Path, slices: int) -> list[Path]:
     return write_series(volume, affine, out, seed="bench-ingest")
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process (all threads) and of its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
 def send(port: int, files: list[Path], called: str) -> float:
     start = time.perf_counter()
     result = storescu(port, files, called_ae=called, args=("-R",), max_pdu=MAX_PDU, timeout=1800)
@@ -85,6 +93,7 @@ def run_node(
     fsync: bool = True,
     null: bool = False,
     handler_s: list[float] | None = None,
+    cpu_s: list[tuple[float, float]] | None = None,
 ) -> float:
     """storescu wall time into the node's SCP; ``handler_s`` collects each C-STORE
     handler's own time (bound around node.ingest.handle_store with pynetdicom's
@@ -123,8 +132,12 @@ def run_node(
 
         server.unbind(evt.EVT_C_STORE, handle_store)
         server.bind(evt.EVT_C_STORE, timed_store, [store, scp.assoc_log])
+    before = cpu_seconds()
     try:
         elapsed = send(port, files, "HPBNODE")
+        after = cpu_seconds()
+        if cpu_s is not None:  # the node's threads; storescu
+            cpu_s.append((after[0] - before[0], after[1] - before[1]))
     finally:
         scp.stop(timeout=30)
         engine.dispose()
@@ -180,12 +193,15 @@ def pdu_lengths_with_unlimited_node_pdu(work: Path, files: list[Path]) -> dict[s
     }
 
 
-def run_storescp(work: Path, files: list[Path]) -> float:
+def run_storescp(work: Path, files: list[Path], cpu_s: list[float] | None = None) -> float:
     if work.exists():
         shutil.rmtree(work)
     port = free_port()
+    before = cpu_seconds()
     with storescp(port, work, ae_title="STORESCP", max_pdu=MAX_PDU):
         elapsed = send(port, files, "STORESCP")
+    if cpu_s is not None:  # storescp and storescu (and the readiness C-ECHOs)
+        cpu_s.append(cpu_seconds()[1] - before[1])
     stored = sum(1 for p in work.iterdir() if p.is_file())
     if stored != len(files):
         raise RuntimeError(f"storescp stored {stored} of {len(files)} files")
@@ -235,11 +251,16 @@ def handler_profile(work: Path, files: list[Path], count: int = 60) -> dict[str,
     return out
 
 
+def ms_per(count: int, seconds: list[float]) -> float:
+    return round(statistics.median(seconds) / count * 1e3, 2)
+
+
 def limits(
     per_instance: dict[str, float],
     profile: dict[str, float],
     pdus: dict[str, Any],
     loads: list[float],
+    cpu: dict[str, float],
 ) -> str:
     """What caps the ratio, in this run's numbers."""
     ceiling = per_instance["storescp_ms"] / per_instance["pynetdicom_noop_handler_ms"]
@@ -261,7 +282,11 @@ def limits(
         f" with the write), database {profile['database_record_commit']:.2f} ms."
         " A larger advertised maximum PDU does not help: storescu accepts at most 131072 for"
         " --max-send-pdu, and with the node advertising no limit it sent P-DATA PDUs of at"
-        f" most {pdus['largest_p_data_pdu_received']} bytes. Load average (1 min)"
+        f" most {pdus['largest_p_data_pdu_received']} bytes. CPU per instance (median):"
+        f" the node's process {cpu['node_process']:.2f} ms (pynetdicom with the no-op"
+        f" handler {cpu['pynetdicom_noop_process']:.2f} ms) against"
+        f" {cpu['storescp_and_storescu']:.2f} ms for storescp and storescu together"
+        f" (storescu alone {cpu['storescu_sending_to_node']:.2f} ms). Load average (1 min)"
         f" {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores shared with other"
         " jobs: that slows the Python side (GIL hand-offs between threads, scheduling"
         " delays of every 1 ms poll) far more than DCMTK's single-threaded C."
@@ -319,12 +344,15 @@ def main() -> int:
         null_s: list[float] = []
         dcmtk_s: list[float] = []
         handler_s: list[float] = []
+        node_cpu: list[tuple[float, float]] = []
+        null_cpu: list[tuple[float, float]] = []
+        dcmtk_cpu: list[float] = []
         loads: list[float] = [os.getloadavg()[0]]
         for rep in range(args.reps):
-            node_s.append(run_node(tmp / "node", files, handler_s=handler_s))
-            dcmtk_s.append(run_storescp(tmp / "storescp", files))
+            node_s.append(run_node(tmp / "node", files, handler_s=handler_s, cpu_s=node_cpu))
+            dcmtk_s.append(run_storescp(tmp / "storescp", files, cpu_s=dcmtk_cpu))
             nofsync_s.append(run_node(tmp / "node", files, fsync=False))
-            null_s.append(run_node(tmp / "node", files, null=True))
+            null_s.append(run_node(tmp / "node", files, null=True, cpu_s=null_cpu))
             loads.append(os.getloadavg()[0])
             print(
                 f"rep {rep + 1}: node {total_bytes / node_s[-1] / 1e6:.1f} MB/s,"
@@ -340,6 +368,13 @@ def main() -> int:
         print("advertised max PDU 0:", pdus, flush=True)
     node_mb_s = total_bytes / statistics.median(node_s) / 1e6
     storescp_mb_s = total_bytes / statistics.median(dcmtk_s) / 1e6
+    n = len(files)
+    cpu = {
+        "node_process": ms_per(n, [c[0] for c in node_cpu]),
+        "storescu_sending_to_node": ms_per(n, [c[1] for c in node_cpu]),
+        "pynetdicom_noop_process": ms_per(n, [c[0] for c in null_cpu]),
+        "storescp_and_storescu": ms_per(n, dcmtk_cpu),
+    }
     per_instance = {
         "node_ms": statistics.median(node_s) / len(files) * 1e3,
         "node_handler_ms": statistics.median(handler_s) * 1e3,
@@ -362,6 +397,7 @@ def main() -> int:
             statistics.median(dcmtk_s) / statistics.median(null_s), 3
         ),
         "per_instance_median_ms": {k: round(v, 2) for k, v in per_instance.items()},
+        "cpu_ms_per_instance_median": cpu,
         "series": {
             "files": len(files),
             "rows_columns": [512, 512],
@@ -394,7 +430,7 @@ def main() -> int:
             "before": round(loads[0], 2),
             "after_each_repetition": [round(x, 2) for x in loads[1:]],
         },
-        "limits": limits(per_instance, profile, pdus, loads),
+        "limits": limits(per_instance, profile, pdus, loads, cpu),
         "machine": machine(),
         "note": args.note,
     }
