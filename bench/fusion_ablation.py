@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,19 @@ DATA_NOTE = (
     "image generator); labs and history synthesised from the case truth; image features "
     "from ground-truth masks/measurements + measurement noise (models.synthetic_clinical."
     "measured_findings), not from the segmentation network"
+)
+
+
+FEATURES_NOTE = (
+    "image measurements; 16 labs + missingness indicators; bag-of-concepts history + age/sex "
+    "(fused only)"
+)
+NETWORK_NOTE = (
+    "synthetic generator cases (models.synthetic.generate_case, CT); image features from the "
+    "segmentation network's findings (models.inference.analyse, shipped demo bundle; contrast "
+    "phase unknown, as the node's inference sets it; no organ qualities such as duct calibre or "
+    "contour nodularity, which the network does not measure: they take their neutral defaults); "
+    "labs and history synthesised from the case truth"
 )
 
 
@@ -84,11 +98,106 @@ def generator_dataset(n: int, first_seed: int) -> tuple[np.ndarray, dict[Disease
     return np.asarray(xs), {d: y[:, i] for i, d in enumerate(Disease)}
 
 
+def network_dataset(
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray, dict[Disease, np.ndarray], list[int]]:
+    """Features of the network records in ``path`` (bench/fusion_network_cases.py):
+    image features from the network's findings, and, for the same case truths,
+    from ``measured_findings`` (ground truth + noise) for a paired comparison."""
+    from fusion_network_cases import findings_from_record, load_cases
+
+    from models.case import CaseTruth
+
+    xs, xsim, ys, seeds = [], [], [], []
+    for rec in load_cases(path):
+        truth = CaseTruth.from_json(rec["truth"])
+        clin = synthesize_clinical(truth)
+        ctx = context_from_labs(clin.labs, history=clin.history, age=truth.age, sex=truth.sex)
+        xs.append(feature_vector(findings_from_record(rec), ctx))
+        sim = measured_findings(truth, np.random.default_rng(truth.seed + 10_000_019))
+        xsim.append(feature_vector(sim, ctx))
+        ys.append([int(d in truth.diseases) for d in Disease])
+        seeds.append(int(rec["seed"]))
+    y = np.asarray(ys, dtype=np.int64)
+    return np.asarray(xs), np.asarray(xsim), {d: y[:, i] for i, d in enumerate(Disease)}, seeds
+
+
+def _rows(
+    y: dict[Disease, np.ndarray], preds: dict[str, dict[Disease, np.ndarray]], ci: bool = True
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for d in Disease:
+        if not 0 < int(y[d].sum()) < len(y[d]):
+            out[d.value] = {"positives": int(y[d].sum()), "note": "one class absent: no AUROC"}
+            continue
+        row: dict[str, Any] = {
+            "positives": int(y[d].sum()),
+            "fused_auroc": round(auroc(y[d], preds["fused"][d]), 4),
+            "image_auroc": round(auroc(y[d], preds["image"][d]), 4),
+            "labs_auroc": round(auroc(y[d], preds["labs"][d]), 4),
+            "fused_ece": round(calibration(y[d], preds["fused"][d]).ece, 4),
+            "image_ece": round(calibration(y[d], preds["image"][d]).ece, 4),
+        }
+        if ci:
+            paired = np.stack([preds["fused"][d], preds["image"][d]], axis=1)
+            iv = bootstrap(_auroc_gain, y[d], paired, n_resamples=1000)
+            row["fused_minus_image_auroc_95ci"] = [round(iv.low, 4), round(iv.high, 4)]
+        out[d.value] = row
+    return out
+
+
+def cross_validated(
+    x: np.ndarray, y: dict[Disease, np.ndarray], folds: int = 5, seed: int = 0
+) -> dict[str, dict[Disease, np.ndarray]]:
+    """Out-of-fold predictions of models trained on ``x`` itself: each fold is
+    predicted by heads fitted on three quarters of the other folds and calibrated
+    on the last quarter (folds drawn at random with a fixed seed)."""
+    n = len(x)
+    order = np.random.default_rng(seed).permutation(n)
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[order] = np.arange(n) % folds
+    preds: dict[str, dict[Disease, np.ndarray]] = {
+        v: {d: np.zeros(n) for d in Disease} for v in ("fused", "image", "labs")
+    }
+    for k in range(folds):
+        test = np.flatnonzero(fold_of == k)
+        rest = order[np.isin(order, test, invert=True)]
+        cut = int(len(rest) * 0.75)
+        fit, cal = rest[:cut], rest[cut:]
+        usable = [d for d in Disease if 0 < y[d][fit].sum() < len(fit) and y[d][cal].sum() > 0]
+        model = FusionModel.train(
+            x[fit],
+            {d: y[d][fit] for d in usable},
+            x[cal],
+            {d: y[d][cal] for d in usable},
+            {"trained_on": "network features (cross-validation fold)"},
+        )
+        for v in preds:
+            pm = model.predict_matrix(x[test], v)
+            for d in Disease:
+                preds[v][d][test] = pm[d] if d in pm else float(y[d][fit].mean())
+    return preds
+
+
+def _not_better(rows: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        k for k, r in rows.items() if "fused_auroc" in r and r["fused_auroc"] <= r["image_auroc"]
+    ]
+
+
+def _means(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    have = [r for r in rows.values() if "fused_auroc" in r]
+    return {
+        f"mean_{v}_auroc": round(float(np.mean([r[f"{v}_auroc"] for r in have])), 4)
+        for v in ("fused", "image", "labs")
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--cal", type=int, default=800)
-    ap.add_argument("--test", type=int, default=600)
+    ap.add_argument("--test", type=int, default=3000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fusion_ablation.json")
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--no-save-weights", action="store_true")
@@ -97,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="also evaluate on N case truths from the image generator (models.synthetic)",
+    )
+    ap.add_argument(
+        "--network-cases",
+        type=Path,
+        default=None,
+        help="segmentation-network records (bench/fusion_network_cases.py): the headline "
+        "ablation then uses the network's image features",
     )
     args = ap.parse_args(argv)
 
@@ -111,72 +227,105 @@ def main(argv: list[str] | None = None) -> int:
         "classifier": "per-disease L2 logistic regression + Platt calibration",
     }
     model = FusionModel.train(x, y, xc, yc, meta)
-    preds = {v: model.predict_matrix(xt, v) for v in ("fused", "image", "labs")}
-    diseases: dict[str, dict[str, float | int]] = {}
-    not_better: list[str] = []
-    for d in Disease:
-        row: dict[str, float | int] = {
-            "positives": int(yt[d].sum()),
-            "fused_auroc": round(auroc(yt[d], preds["fused"][d]), 4),
-            "image_auroc": round(auroc(yt[d], preds["image"][d]), 4),
-            "labs_auroc": round(auroc(yt[d], preds["labs"][d]), 4),
-            "fused_ece": round(calibration(yt[d], preds["fused"][d]).ece, 4),
-            "image_ece": round(calibration(yt[d], preds["image"][d]).ece, 4),
-        }
-        paired = np.stack([preds["fused"][d], preds["image"][d]], axis=1)
-        ci = bootstrap(_auroc_gain, yt[d], paired, n_resamples=1000)
-        row["fused_minus_image_auroc_95ci"] = [round(ci.low, 4), round(ci.high, 4)]
-        diseases[d.value] = row
-        if row["fused_auroc"] <= row["image_auroc"]:
-            not_better.append(d.value)
-    result = {
+    variants = ("fused", "image", "labs")
+    sim_rows = _rows(yt, {v: model.predict_matrix(xt, v) for v in variants})
+    simulated: dict[str, Any] = {
         "cases": args.test,
         "train_cases": args.train,
         "calibration_cases": args.cal,
         "data": DATA_NOTE,
-        "features": "image measurements; 16 labs + missingness indicators; "
-        "bag-of-concepts history + age/sex (fused only)",
-        "diseases": diseases,
-        "fused_not_better_than_image": not_better,
-        "mean_fused_auroc": round(float(np.mean([r["fused_auroc"] for r in diseases.values()])), 4),
-        "mean_image_auroc": round(float(np.mean([r["image_auroc"] for r in diseases.values()])), 4),
-        "mean_labs_auroc": round(float(np.mean([r["labs_auroc"] for r in diseases.values()])), 4),
+        "diseases": sim_rows,
+        "fused_not_better_than_image": _not_better(sim_rows),
+        **_means(sim_rows),
         "seconds_data": round(t_data, 2),
     }
+    result: dict[str, Any] = {
+        "cases": args.test,
+        "data": DATA_NOTE,
+        "features": FEATURES_NOTE,
+        "diseases": sim_rows,
+        "fused_not_better_than_image": _not_better(sim_rows),
+        **_means(sim_rows),
+        "simulated_measurement": simulated,
+    }
+    if args.network_cases is not None:
+        xn, xsim, yn, seeds = network_dataset(args.network_cases)
+        shipped = _rows(yn, {v: model.predict_matrix(xn, v) for v in variants})
+        same_truths = _rows(yn, {v: model.predict_matrix(xsim, v) for v in variants})
+        cv = _rows(yn, cross_validated(xn, yn))
+        network: dict[str, Any] = {
+            "cases": len(xn),
+            "seeds": f"{min(seeds)}-{max(seeds)} (models.synthetic.generate_case, CT; demo "
+            "network trained on seeds 0-159)",
+            "data": NETWORK_NOTE,
+            "shipped_model": {
+                "what": "the shipped fusion weights (trained on simulated measurements) on the "
+                "network's image features",
+                "diseases": shipped,
+                "fused_not_better_than_image": _not_better(shipped),
+                **_means(shipped),
+            },
+            "cross_validated": {
+                "what": "heads trained on the network's features themselves: 5-fold out-of-fold "
+                "predictions (each fold: fit on 3/4 of the other folds, Platt-calibrate on 1/4)",
+                "diseases": cv,
+                "fused_not_better_than_image": _not_better(cv),
+                **_means(cv),
+            },
+            "same_truths_simulated_measurement": {
+                "what": "the same case truths with ground truth + noise image features "
+                "(measured_findings) and the shipped weights: the gap to 'shipped_model' is the "
+                "network's",
+                "diseases": same_truths,
+                "fused_not_better_than_image": _not_better(same_truths),
+                **_means(same_truths),
+            },
+        }
+        result = {
+            "cases": len(xn),
+            "data": NETWORK_NOTE + "; fusion heads: the shipped weights (trained on simulated "
+            "measurements, see simulated_measurement)",
+            "features": FEATURES_NOTE,
+            "diseases": shipped,
+            "fused_not_better_than_image": _not_better(shipped),
+            **_means(shipped),
+            "network": network,
+            "simulated_measurement": simulated,
+        }
     if args.generator:
         xg, yg = generator_dataset(args.generator, 900_000)
-        gen: dict[str, dict[str, float | int]] = {}
-        pg = {v: model.predict_matrix(xg, v) for v in ("fused", "image", "labs")}
-        for d in Disease:
-            if 0 < yg[d].sum() < len(yg[d]):
-                gen[d.value] = {
-                    "positives": int(yg[d].sum()),
-                    "fused_auroc": round(auroc(yg[d], pg["fused"][d]), 4),
-                    "image_auroc": round(auroc(yg[d], pg["image"][d]), 4),
-                    "labs_auroc": round(auroc(yg[d], pg["labs"][d]), 4),
-                    "fused_ece": round(calibration(yg[d], pg["fused"][d]).ece, 4),
-                }
+        gen = _rows(yg, {v: model.predict_matrix(xg, v) for v in variants}, ci=False)
         result["generator_truth_check"] = {
             "cases": len(xg),
             "data": "case truths from models.synthetic.generate_case (CT only; phases as the "
             "generator draws them), labs/history synthesised, image features from the truths "
             "+ measurement noise; model trained on the stand-in sampler only",
             "diseases": gen,
-            "fused_not_better_than_image": [
-                k for k, r in gen.items() if r["fused_auroc"] <= r["image_auroc"]
-            ],
+            "fused_not_better_than_image": _not_better(gen),
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not args.no_save_weights:
         model.save(args.weights)
-    for name, row in diseases.items():
-        print(
-            f"{name:34s} n+={row['positives']:4d} fused {row['fused_auroc']:.3f} "
-            f"image {row['image_auroc']:.3f} labs {row['labs_auroc']:.3f} "
-            f"ece {row['fused_ece']:.3f}"
-        )
-    print("fused not better than image on:", not_better or "none")
+    for title, rows in (
+        ("simulated measurement", sim_rows),
+        *(
+            (f"network ({k})", result["network"][k]["diseases"])
+            for k in ("shipped_model", "cross_validated", "same_truths_simulated_measurement")
+            if "network" in result
+        ),
+    ):
+        print(f"-- {title}")
+        for name, row in rows.items():
+            if "fused_auroc" not in row:
+                print(f"{name:34s} n+={row['positives']:4d} {row['note']}")
+                continue
+            print(
+                f"{name:34s} n+={row['positives']:4d} fused {row['fused_auroc']:.3f} "
+                f"image {row['image_auroc']:.3f} labs {row['labs_auroc']:.3f} "
+                f"ece {row['fused_ece']:.3f} ci {row.get('fused_minus_image_auroc_95ci')}"
+            )
+        print("fused not better than image on:", _not_better(rows) or "none")
     return 0
 
 

@@ -168,12 +168,22 @@ def test_training_round_trip(tmp_path: Path) -> None:
 def test_ablation_results_are_complete_and_honest() -> None:
     res = json.loads((ROOT / "bench" / "results" / "fusion_ablation.json").read_text())
     assert res["cases"] >= 200
-    assert "synthetic" in res["data"] and "not from the segmentation network" in res["data"]
-    assert set(res["diseases"]) == {d.value for d in Disease}
-    for name, row in res["diseases"].items():
-        for key in ("fused_auroc", "image_auroc", "labs_auroc", "fused_ece"):
-            assert 0.0 <= row[key] <= 1.0, (name, key)
+    assert "synthetic" in res["data"]
+    sim = res["simulated_measurement"]
+    assert "not from the segmentation network" in sim["data"]
+    assert sim["cases"] >= 2000
+    sections = [res, sim]
+    if "network" in res:  # headline: image features from the segmentation network
+        assert "segmentation network's findings" in res["data"]
+        assert res["network"]["cases"] == res["cases"]
+        sections += [res["network"][k] for k in ("shipped_model", "cross_validated")]
+    for section in sections:
+        assert set(section["diseases"]) == {d.value for d in Disease}
+        for name, row in section["diseases"].items():
+            for key in ("fused_auroc", "image_auroc", "labs_auroc", "fused_ece"):
+                assert 0.0 <= row[key] <= 1.0, (name, key)
+        # every disease where fusion does not beat imaging is listed, none hidden
+        listed = {n for n, r in section["diseases"].items() if r["fused_auroc"] <= r["image_auroc"]}
+        assert listed == set(section["fused_not_better_than_image"])
+    for name, row in sim["diseases"].items():
         assert row["fused_ece"] < 0.1, name
-    # every disease where fusion does not beat imaging is listed, none hidden
-    listed = {n for n, r in res["diseases"].items() if r["fused_auroc"] <= r["image_auroc"]}
-    assert listed == set(res["fused_not_better_than_image"])
