@@ -53,6 +53,17 @@ def test_report_generator_alone_states_every_reference_finding(seed: int) -> Non
     assert check_report(out) == []
 
 
+def test_similar_sizes_do_not_take_each_others_match() -> None:
+    """Sizes are matched one-to-one by a maximum matching: 38 pairs with one 42, 42 with
+    the other and 40 with 44 (closest-pair-first matching would leave 44 unmatched)."""
+    ref = "FINDINGS: Liver: mass, 42 mm. Liver: mass, 42 mm. Liver: mass, 44 mm. IMPRESSION: x."
+    cand = "Lesion 1: 38 x 30 mm mass. Lesion 2: 42 x 30 mm mass. Lesion 3: 40 x 30 mm mass."
+    cmp = compare_findings(cand, ref)
+    assert cmp["completeness"] == 1.0 and cmp["correctness"] == 1.0
+    far = compare_findings("Lesion 1: 30 x 20 mm mass.", ref)
+    assert far["completeness"] == 0.0
+
+
 def test_reference_findings_are_the_truth() -> None:
     truth = next(t for t in map(sample_truth, range(300_000, 300_100)) if len(t.lesions) >= 2)
     f = reference_findings(truth)

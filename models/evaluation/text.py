@@ -24,7 +24,8 @@ All rules are deterministic and documented in ``docs/evaluation.md``:
 * **Completeness** = reference items found in the candidate / reference items;
   **correctness** = candidate items supported by the reference / candidate
   items. Items are asserted (positive) disease mentions (matched by disease) and sizes
-  (matched one-to-one within ``max(2 mm, 10 %)``). A disease positive in one
+  (matched one-to-one within ``max(2 mm, 10 %)``: a maximum matching, so a size
+  close to two reference sizes does not leave a third unmatched). A disease positive in one
   report and negated in the other is also listed as a contradiction.
 * **Consistency** with structured results: every disease the structured
   results call positive is asserted (an uncertain mention is not enough), no
@@ -157,20 +158,23 @@ def extract(text: str) -> ReportFindings:
 
 
 def _match_sizes(a: Sequence[float], b: Sequence[float], abs_mm: float, rel: float) -> int:
-    """Greedy one-to-one matching of sizes (closest pairs first) within tolerance."""
-    pairs = sorted(
-        (abs(x - y), i, j)
-        for i, x in enumerate(a)
-        for j, y in enumerate(b)
-        if abs(x - y) <= max(abs_mm, rel * max(x, y))
-    )
-    used_a: set[int] = set()
-    used_b: set[int] = set()
-    for _, i, j in pairs:
-        if i not in used_a and j not in used_b:
-            used_a.add(i)
-            used_b.add(j)
-    return len(used_a)
+    """Number of sizes of ``a`` matched one-to-one to sizes of ``b`` within tolerance:
+    a maximum matching (augmenting paths), so two similar sizes cannot take each
+    other's partner and leave a stated size unmatched."""
+    near = [[j for j, y in enumerate(b) if abs(x - y) <= max(abs_mm, rel * max(x, y))] for x in a]
+    partner: dict[int, int] = {}  # index in b -> index in a
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j in sorted(near[i], key=lambda j: abs(a[i] - b[j])):
+            if j in seen:
+                continue
+            seen.add(j)
+            if j not in partner or augment(partner[j], seen):
+                partner[j] = i
+                return True
+        return False
+
+    return sum(1 for i in range(len(a)) if augment(i, set()))
 
 
 def _div(a: float, b: float) -> float:
