@@ -45,6 +45,7 @@ from models.findings import (
 )
 from models.labs import LAB_PANEL
 from models.synthetic.appearance import tissue_value
+from models.synthetic.diseases import sample_diseases
 from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
 
 __all__ = [
@@ -59,20 +60,6 @@ D = Disease
 COUINAUD = [s for s in SubSite if s.value.startswith("couinaud")]
 PANCREAS_PARTS = (SubSite.PANCREAS_HEAD, SubSite.PANCREAS_BODY, SubSite.PANCREAS_TAIL)
 
-# Primary scenario prevalences for the stand-in sampler (the rest is "normal").
-_PRIMARY: tuple[tuple[Disease | None, float], ...] = (
-    (None, 0.12),
-    (D.HCC, 0.10),
-    (D.LIVER_METASTASIS, 0.10),
-    (D.HAEMANGIOMA, 0.08),
-    (D.SIMPLE_CYST, 0.08),
-    (D.CIRRHOSIS, 0.09),
-    (D.STEATOSIS, 0.09),
-    (D.CHOLELITHIASIS, 0.09),
-    (D.PDAC, 0.09),
-    (D.PANCREATIC_CYSTIC_LESION, 0.08),
-    (D.PANCREATITIS, 0.08),
-)
 # Contrast phases as the image generator draws them (models.synthetic.diseases).
 _PHASES = (
     ContrastPhase.NON_CONTRAST,
@@ -81,13 +68,6 @@ _PHASES = (
     ContrastPhase.DELAYED,
 )
 _PHASE_P = (0.15, 0.25, 0.48, 0.12)
-# Incidental co-occurring conditions (independent of the primary).
-_INCIDENTAL: tuple[tuple[Disease, float], ...] = (
-    (D.STEATOSIS, 0.12),
-    (D.SIMPLE_CYST, 0.10),
-    (D.HAEMANGIOMA, 0.05),
-    (D.CHOLELITHIASIS, 0.10),
-)
 
 
 @dataclass(frozen=True)
@@ -136,26 +116,18 @@ def _lesion(
 def sample_truth(seed: int, case_id: str | None = None) -> CaseTruth:
     """A CT case truth (no voxels) drawn from the synthetic disease model above.
 
-    Contrast phases and tissue attenuation per phase follow the image generator
-    (``models.synthetic.appearance``), so the two give comparable truths.
+    The disease set is drawn as the image generator draws it
+    (``models.synthetic.diseases.sample_diseases``: its prevalences and
+    co-occurrences, e.g. metastases with PDAC, pancreatitis with gallstones), and
+    contrast phases and tissue attenuation per phase follow the generator
+    (``models.synthetic.appearance``), so the two give comparable truths. (An
+    earlier sampler drew one primary disease plus incidental ones; a classifier
+    trained on it learned that other diseases' labs argue against, e.g., a
+    pancreatic cyst, which does not hold for the generator's cases.)
     """
     rng = np.random.default_rng(seed)
-    r = rng.uniform()
-    acc = 0.0
-    primary: Disease | None = None
-    for d, p in _PRIMARY:
-        acc += p
-        if r < acc:
-            primary = d
-            break
-    diseases: set[Disease] = {primary} if primary else set()
-    if primary == D.HCC and rng.uniform() < 0.8:
-        diseases.add(D.CIRRHOSIS)
-    for d, p in _INCIDENTAL:
-        if rng.uniform() < p:
-            diseases.add(d)
-    if D.CIRRHOSIS in diseases:
-        diseases.discard(D.STEATOSIS) if rng.uniform() < 0.5 else None
+    # the image generator's disease mix and co-occurrence (models.synthetic.diseases)
+    diseases: set[Disease] = set(sample_diseases(rng))
 
     prng = np.random.default_rng([seed, 1])  # own stream: the disease draws stay the same
     phase = _PHASES[int(prng.choice(len(_PHASES), p=_PHASE_P))]
