@@ -1,17 +1,25 @@
 """Train the fusion classifier on synthetic cases and run the ablation.
 
-    .venv/bin/python bench/fusion_ablation.py [--train 4000] [--cal 800] [--test 600]
-                                               [--no-save-weights]
+    .venv/bin/python bench/fusion_ablation.py [--train 4000] [--cal 800] [--test 3000]
+        [--network-cases bench/results/fusion_network_cases.jsonl] [--no-save-weights]
 
 Writes ``bench/results/fusion_ablation.json`` (AUROC of fused / image-only /
-labs-only and ECE of fused, per disease, on held-out cases) and, unless told
-not to, the shipped weights ``models/fusion_weights/fusion.json``.
+labs-only and ECE, per disease, on held-out cases, with the paired bootstrap
+interval of fused minus image) and, unless told not to, the shipped weights
+``models/fusion_weights/fusion.json``.
 
-**Data: synthetic.** Case truths come from ``models.synthetic_clinical.sample_truth``
-(a voxel-free stand-in for the image generator), labs and history from
-``synthesize_clinical``; image features are computed by ``models.fusion.image_features``
-on ``measured_findings``: **ground-truth lesions and organ measurements plus
-measurement noise, not the segmentation network's output.**
+**Data: synthetic.** Training: case truths from ``models.synthetic_clinical.sample_truth``
+(a voxel-free stand-in for the image generator, diseases drawn as the generator
+draws them), labs and history from ``synthesize_clinical``, image features
+(``models.fusion.image_features``) on ``measured_findings``: **ground-truth
+lesions and organ measurements plus measurement noise, not the segmentation
+network's output** (section ``simulated_measurement``, 3000 held-out cases).
+
+With ``--network-cases`` (records of ``bench/fusion_network_cases.py``) the
+headline ``cases`` / ``diseases`` are the shipped weights on the **segmentation
+network's** image features of those generator cases; ``network`` also holds
+heads cross-validated on the network's features and the same truths with
+simulated measurements.
 """
 
 from __future__ import annotations
