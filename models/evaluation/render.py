@@ -473,9 +473,7 @@ def render_html(
                 ],
             )
         )
-        parts.append(
-            "<p>*METEOR with exact and Porter-stem matching only (no WordNet synonyms).</p>"
-        )
+        parts.append("<p>*METEOR as nltk: exact, Porter-stem and WordNet 3.0 synonym matches.</p>")
     parts.append("<h2>Plots</h2><div>")
     for name, b64 in plots.items():
         if b64:
