@@ -85,7 +85,7 @@ def load_wordnet(root: Path | None = None) -> WordNetCorpusReader:
         )
 
     class _WordNet30(WordNetCorpusReader):
-        def open(self, file: str) -> io.StringIO:  # type: ignore[override]
+        def open(self, file: str) -> io.StringIO:
             with super().open(file) as stream:
                 return io.StringIO(stream.read().replace("\r\n", "\n"))
 
@@ -114,8 +114,8 @@ def default_wordnet() -> WordNetCorpusReader:
 @functools.lru_cache(maxsize=1 << 16)
 def synonyms(word: str) -> frozenset[str]:
     """Single-word lemma names of every WordNet 3.0 synset of ``word`` (any part of
-    speech, inflections resolved by WordNet's morphy), plus ``word`` itself: the
-    set nltk's METEOR matches a reference word against."""
+    speech, inflections resolved by WordNet's morphy), plus ``word`` itself: what
+    nltk's METEOR matches against (it passes Porter stems as ``word``)."""
     wn = default_wordnet()
     names = {
         lemma.name()
