@@ -187,9 +187,10 @@ def test_meteor_hand_cases() -> None:
     # m = 4 of 4, one chunk: 1 - 0.5 (1/4)^3
     assert meteor("the tumour is small", "the tumor is small") == pytest.approx(1 - 0.5 / 64)
     # WordNet is given Porter stems (as in nltk): "lesions"/"wounds" match through
-    # "lesion" ~ "wound"; "large"/"big" do not ("larg" is not a WordNet word):
-    # m = 3 of 4, one chunk: 0.75 (1 - 0.5 (1/3)^3)
+    # "lesion" ~ "wound" (m = 2 of 2, one chunk) ...
     assert meteor("small lesions", "small wounds") == pytest.approx(1 - 0.5 / 8)
+    # ... but "large"/"big" do not ("larg" is not a WordNet word): m = 3 of 4,
+    # P = R = Fmean = 0.75, one chunk: 0.75 (1 - 0.5 (1/3)^3)
     assert meteor("the liver is large", "the liver is big") == pytest.approx(0.75 * (1 - 0.5 / 27))
     # synonym "tumour" ~ "tumor" (no common stem) after exact "liver": pairs (0,1) and
     # (3,0), 2 chunks; P = 2/4, R = 2/2, Fmean = PR / (0.9 P + 0.1 R) = 0.5 / 0.55
