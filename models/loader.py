@@ -424,12 +424,36 @@ def _check_slices(slices: list[_Slice]) -> None:
 # assembly
 
 
+#: Header keywords an Enhanced multi-frame object keeps in frame 1's functional groups:
+#: keyword -> (functional group sequence, attribute there).
+_FUNCTIONAL_GROUP_HEADERS: dict[str, tuple[str, str]] = {
+    "SliceThickness": ("PixelMeasuresSequence", "SliceThickness"),
+    "KVP": ("CTXRayDetailsSequence", "KVP"),
+    "ConvolutionKernel": ("CTReconstructionSequence", "ConvolutionKernel"),
+    "EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
+    "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+}
+
+
+def _header_value(ds: Dataset, kw: str) -> Any:
+    if kw in ds:
+        return ds[kw].value
+    if kw in _FUNCTIONAL_GROUP_HEADERS:
+        seq, attribute = _FUNCTIONAL_GROUP_HEADERS[kw]
+        item = _group(ds, 0, seq)
+        return item.get(attribute) if item is not None else None
+    when = str(ds.get("AcquisitionDateTime") or "")  # Enhanced objects: no separate date/time
+    if kw == "AcquisitionDate" and len(when) >= 8:
+        return when[:8]
+    if kw == "AcquisitionTime" and len(when) > 8:
+        return when[8:].split("+")[0].split("-")[0]
+    return None
+
+
 def _headers(ds: Dataset, notes: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kw in HEADER_KEYWORDS:
-        if kw not in ds:
-            continue
-        value = ds[kw].value
+        value = _header_value(ds, kw)
         if value in (None, ""):
             continue
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
