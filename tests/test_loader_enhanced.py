@@ -233,6 +233,16 @@ def test_refuses_frame_without_position() -> None:
     assert "frame 3" in str(err)
 
 
+def test_refuses_two_phases_in_one_object() -> None:
+    """Two frames at one position (e.g. arterial and venous phase stacked in one object)."""
+    ds, _, _ = _small_enhanced()
+    groups = ds.PerFrameFunctionalGroupsSequence
+    position = groups[1].PlanePositionSequence[0].ImagePositionPatient
+    groups[2].PlanePositionSequence[0].ImagePositionPatient = list(position)
+    err = _refused(ds, RefusalReason.DUPLICATE_POSITION)
+    assert "several phases" in str(err)
+
+
 def test_refuses_localizer_frame() -> None:
     ds, _, _ = _small_enhanced()
     item = Dataset()
@@ -259,3 +269,15 @@ def test_enhanced_ct_through_ingest_loads_as_sent(
     vol = load_series(spooled)
     assert_same(vol.array, vol.affine, a, aff)
     assert len(vol.frame_numbers) == len(a)
+
+
+def test_ct_liver_3slice_as_enhanced(shared_data: Path, tmp_path: Path) -> None:
+    """The real GE slices, rewritten as one Enhanced CT, load to the same voxels and affine."""
+    files = sorted((shared_data / "ct_liver_3slice").glob("0*.dcm"))
+    single = load_series(files)
+    path = write_enhanced(single.array, single.affine, tmp_path / "ct.dcm", frame_order=[2, 0, 1])
+    vol = load_series(path)
+    assert vol.shape == (3, 512, 512)
+    assert np.array_equal(vol.array, single.array)
+    np.testing.assert_allclose(vol.affine, single.affine, atol=1e-4)
+    assert vol.frame_numbers == (2, 3, 1)
