@@ -256,8 +256,13 @@ def enhanced_image(
     frame_order: Sequence[int] | None = None,
     transfer_syntax: str = ExplicitVRLittleEndian,
     seed: str = "hpb-enhanced",
+    instance_number: int = 1,
 ) -> Dataset:
-    """``array[k, r, c]`` (CT: HU; MR: intensities) as an Enhanced CT or MR data set."""
+    """``array[k, r, c]`` (CT: HU; MR: intensities) as an Enhanced CT or MR data set.
+
+    The SOP Instance UID derives from the series and ``instance_number``: give each
+    object of one series its own number.
+    """
     if array.ndim != 3:
         raise ValueError("array must be (slices, rows, columns)")
     n, rows, columns = (int(v) for v in array.shape)
@@ -286,9 +291,9 @@ def enhanced_image(
         study_instance_uid=info.study_uid,
         series_instance_uid=info.series_uid,
         series_number=info.series_number,
-        sop_instance_uid=derived_uid(info.series_uid, "enhanced"),
+        sop_instance_uid=derived_uid(info.series_uid, "enhanced", str(instance_number)),
         sop_class_uid=sop_class,
-        instance_number=1,
+        instance_number=instance_number,
         modality=modality,
         manufacturer=info.manufacturer,
         transfer_syntax_uid=ExplicitVRLittleEndian,
