@@ -116,6 +116,24 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return _raw(ds, keyword)
 
 
+def slice_thickness_of(ds: Dataset) -> float | None:
+    """SliceThickness at the top level, or, for Enhanced (multi-frame) objects, from the
+    shared or first per-frame Pixel Measures functional group, where they keep it."""
+    top = _number(ds, "SliceThickness")
+    if top is not None:
+        return top
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(keyword)
+        if not groups:
+            continue
+        measures = groups[0].get("PixelMeasuresSequence")
+        if measures:
+            value = _number(measures[0], "SliceThickness")
+            if value is not None:
+                return value
+    return None
+
+
 def body_offset(data: bytes) -> int | None:
     """Offset of the data set after a Part 10 preamble and file meta group (None if absent)."""
     if len(data) < 144 or data[128:132] != b"DICM":
@@ -260,7 +278,7 @@ def parse_instance(
             "series_description": _text(ds, "SeriesDescription", 64),
             "body_part_examined": _text(ds, "BodyPartExamined", 64),
             "image_type": _text(ds, "ImageType", 128),
-            "slice_thickness": _number(ds, "SliceThickness"),
+            "slice_thickness": slice_thickness_of(ds),
             "rows": int(rows) if rows not in (None, "") else None,
             "columns": int(cols) if cols not in (None, "") else None,
             "has_pixel_data": "PixelData" in ds or "FloatPixelData" in ds,

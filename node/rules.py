@@ -160,7 +160,9 @@ class SeriesAttributes:
             raise ConfigError(f"no DICOM files found in {folder}")
         if len(series_uids) > 1:
             raise ConfigError(f"{folder} holds {len(series_uids)} series; give one series")
-        thickness = first.get("SliceThickness")
+        from node.registry import slice_thickness_of  # the ingest's own reading
+
+        thickness = slice_thickness_of(first)
         return cls.from_mapping(
             {
                 "modality": str(first.get("Modality", "")),
@@ -168,7 +170,7 @@ class SeriesAttributes:
                 "study_description": str(first.get("StudyDescription", "")),
                 "series_description": str(first.get("SeriesDescription", "")),
                 "image_type": [str(v) for v in (first.get("ImageType") or [])],
-                "slice_thickness": None if thickness in (None, "") else float(thickness),
+                "slice_thickness": thickness,
                 "instance_count": count,
                 "calling_ae": calling_ae,
                 "study_uid": str(first.get("StudyInstanceUID", "")),

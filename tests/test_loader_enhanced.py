@@ -32,7 +32,8 @@ from models.loader import RefusalReason, SeriesRefused, load_series
 from models.nifti import load_nifti_krc
 from models.series_writer import write_series
 from models.synthetic.geometry import rotation
-from node.db import Instance
+from node.db import Instance, Series
+from node.rules import SeriesAttributes
 from tests.support.dcmtk import storescu
 from tests.support.ingest_node import running_node
 from tests.test_loader import assert_same, canonical, flip_rows_cols, rotated
@@ -266,6 +267,17 @@ def test_enhanced_ct_through_ingest_loads_as_sent(
         [spooled] = node.spool_files()
         with node.sessions() as s:
             assert s.scalars(select(Instance.sop_class_uid)).one() == EnhancedCTImageStorage
+            # routing rules on slice thickness need it: Enhanced objects keep it in the
+            # Pixel Measures functional group, not at the top level
+            thickness = s.scalars(select(Series.slice_thickness)).one()
+    expected = float(
+        pydicom.dcmread(path)
+        .SharedFunctionalGroupsSequence[0]
+        .PixelMeasuresSequence[0]
+        .SliceThickness
+    )
+    assert thickness == pytest.approx(expected)
+    assert SeriesAttributes.from_folder(path.parent).slice_thickness == pytest.approx(expected)
     vol = load_series(spooled)
     assert_same(vol.array, vol.affine, a, aff)
     assert len(vol.frame_numbers) == len(a)
