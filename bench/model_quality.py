@@ -143,6 +143,8 @@ def real(shared: Path, bundle_dir: Path | None) -> dict[str, Any]:
         out[key] = {
             "data": f"TotalSegmentator example {mod} in ../shared/data (reference: TotalSegmentator output)",
             "dice": {o.value: round(dice(seg.organ_masks[o], ref[o]), 4) for o in ORGANS},
+            # the reference marks no lesions: every reported lesion is unconfirmed
+            "lesions_reported": len(seg.lesion_organs),
             "in_training": f"totalsegmentator-example {mod} (train)" in sources,
         }
         print(key, json.dumps(out[key]), flush=True)
@@ -164,6 +166,10 @@ def main() -> int:
             "name": bundle.name,
             "version": bundle.version,
             "weights_sha256": bundle.weights_sha256,
+            # declared in the bundle (configs/metadata.json hpb_node): how labels are made
+            "postprocess": bundle.postprocess.to_json(),
+            "min_lesion_ml": bundle.min_lesion_ml,
+            "overlap": bundle.overlap,
         },
         "targets_synthetic": {
             "dice": {"liver": 0.95, "pancreas": 0.75, "gallbladder": 0.80},

@@ -26,6 +26,14 @@ from models.bundle import DEMO_BUNDLE  # noqa: E402
 from models.train import TrainConfig, train  # noqa: E402
 
 
+def _weights(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name] = float(value)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -35,8 +43,20 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=50.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lesion-sampling", type=float, default=6.0)
-    ap.add_argument("--lesion-loss", type=float, default=3.0)
+    ap.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        metavar="CLASS=W",
+        help="patch-centre sampling weight of a class (default: lesion=6)",
+    )
+    ap.add_argument(
+        "--loss",
+        action="append",
+        default=[],
+        metavar="CLASS=W",
+        help="loss weight of a class (default: lesion=3)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -77,8 +97,8 @@ def main() -> int:
         threads=args.threads,
         seed=args.seed,
         init_weights=args.init,
-        sampling_weights={"lesion": args.lesion_sampling},
-        loss_weights={"lesion": args.lesion_loss},
+        sampling_weights={"lesion": 6.0, **_weights(args.sampling)},
+        loss_weights={"lesion": 3.0, **_weights(args.loss)},
         batch_dice=True,
         command=" ".join(sys.argv),
     )
