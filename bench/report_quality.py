@@ -54,7 +54,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.case import CaseTruth  # noqa: E402
-from models.evaluation.text import compare_findings, extract, readability  # noqa: E402
+from models.evaluation.text import (  # noqa: E402
+    compare_findings,
+    extract,
+    matched_sizes,
+    readability,
+    sizes_within,
+)
 from models.findings import Findings  # noqa: E402
 from models.labs import context_from_labs  # noqa: E402
 from models.report import LIKELY_P, MENTION_P, check_sentence, with_diagnoses_and_report  # noqa: E402
@@ -76,7 +82,6 @@ SOURCES = {
     "network": "segmentation network output (models.inference.analyse, shipped demo bundle) on "
     "generator cases (bench/fusion_network_cases.py); fusion diagnoses",
 }
-SIZE_ABS_MM, SIZE_REL = 2.0, 0.10
 
 
 class TruthDiagnoses:
@@ -99,43 +104,18 @@ def _mean(values: list[float]) -> float:
     return round(float(np.mean(vals)), 4) if vals else float("nan")
 
 
-def _within(a: float, b: float) -> bool:
-    return abs(a - b) <= max(SIZE_ABS_MM, SIZE_REL * max(a, b))
-
-
-def _matched(a: list[float], b: list[float]) -> set[int]:
-    """Indices of ``a`` in a maximum one-to-one matching to ``b`` within the tolerance
-    (the matching of ``models.evaluation.text.compare_findings``)."""
-    near = [[j for j, y in enumerate(b) if _within(x, y)] for x in a]
-    partner: dict[int, int] = {}
-
-    def augment(i: int, seen: set[int]) -> bool:
-        for j in sorted(near[i], key=lambda j: abs(a[i] - b[j])):
-            if j in seen:
-                continue
-            seen.add(j)
-            if j not in partner or augment(partner[j], seen):
-                partner[j] = i
-                return True
-        return False
-
-    for i in range(len(a)):
-        augment(i, set())
-    return set(partner.values())
-
-
 def _size_causes(truth: CaseTruth, findings: Findings, text: str) -> list[str]:
     """Cause of each reference lesion size the generated text does not state."""
     stated = list(extract(text).sizes_mm)
     # the reference report writes one size per truth lesion, in this order
     ref = [float(f"{les.diameter_mm:.0f}") for les in truth.lesions]
-    hit = _matched(ref, stated)
+    hit = matched_sizes(ref, stated)
     link: dict[int, int] | None = findings.extra.get("truth_lesion_of")
     measured = {les.number: les.long_axis.length_mm for les in findings.lesions}
     causes: list[str] = []
     if link is None:  # network output: no link to the truth lesions
         lesions = [les.long_axis.length_mm for les in findings.lesions]
-        n_unstated = len(lesions) - len(_matched(lesions, stated))
+        n_unstated = len(lesions) - len(matched_sizes(lesions, stated))
         causes += ["report (a measured lesion's size is not stated)"] * n_unstated
         causes += ["detection or measurement (network output)"] * (len(ref) - len(hit))
         return causes
@@ -146,7 +126,7 @@ def _size_causes(truth: CaseTruth, findings: Findings, text: str) -> list[str]:
         mine = [n for n, t in link.items() if t == les.number]
         if not mine:
             causes.append("detection")
-        elif not any(_within(measured[n], ref[i]) for n in mine):
+        elif not any(sizes_within(measured[n], ref[i]) for n in mine):
             causes.append("measurement")
         elif all(n in unstated for n in mine):
             causes.append("report")

@@ -163,11 +163,22 @@ def extract(text: str) -> ReportFindings:
     )
 
 
-def _match_sizes(a: Sequence[float], b: Sequence[float], abs_mm: float, rel: float) -> int:
-    """Number of sizes of ``a`` matched one-to-one to sizes of ``b`` within tolerance:
+SIZE_ABS_MM, SIZE_REL = 2.0, 0.10
+"""Tolerance for a stated size to match a reference size: 2 mm or 10 %, the larger."""
+
+
+def sizes_within(x: float, y: float, abs_mm: float = SIZE_ABS_MM, rel: float = SIZE_REL) -> bool:
+    """Whether two sizes agree within the tolerance (``abs_mm`` or ``rel`` of the larger)."""
+    return abs(x - y) <= max(abs_mm, rel * max(x, y))
+
+
+def matched_sizes(
+    a: Sequence[float], b: Sequence[float], abs_mm: float = SIZE_ABS_MM, rel: float = SIZE_REL
+) -> set[int]:
+    """Indices of sizes of ``a`` matched one-to-one to sizes of ``b`` within tolerance:
     a maximum matching (augmenting paths), so two similar sizes cannot take each
     other's partner and leave a stated size unmatched."""
-    near = [[j for j, y in enumerate(b) if abs(x - y) <= max(abs_mm, rel * max(x, y))] for x in a]
+    near = [[j for j, y in enumerate(b) if sizes_within(x, y, abs_mm, rel)] for x in a]
     partner: dict[int, int] = {}  # index in b -> index in a
 
     def augment(i: int, seen: set[int]) -> bool:
@@ -180,7 +191,13 @@ def _match_sizes(a: Sequence[float], b: Sequence[float], abs_mm: float, rel: flo
                 return True
         return False
 
-    return sum(1 for i in range(len(a)) if augment(i, set()))
+    for i in range(len(a)):
+        augment(i, set())
+    return set(partner.values())
+
+
+def _match_sizes(a: Sequence[float], b: Sequence[float], abs_mm: float, rel: float) -> int:
+    return len(matched_sizes(a, b, abs_mm, rel))
 
 
 def _div(a: float, b: float) -> float:
@@ -190,7 +207,7 @@ def _div(a: float, b: float) -> float:
 def compare_findings(candidate: str, reference: str) -> dict[str, Any]:
     c = extract(candidate)
     r = extract(reference)
-    size_hits = _match_sizes(c.sizes_mm, r.sizes_mm, 2.0, 0.10)
+    size_hits = _match_sizes(c.sizes_mm, r.sizes_mm, SIZE_ABS_MM, SIZE_REL)
     dis_hits = len(c.positive & r.positive)
     n_ref = len(r.positive) + len(r.sizes_mm)
     n_cand = len(c.positive) + len(c.sizes_mm)
