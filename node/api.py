@@ -154,6 +154,8 @@ def rule_dict(row: RuleRow) -> dict[str, Any]:
         "enabled": row.enabled,
         "definition": row.definition,
         "updated_at": row.updated_at.isoformat(),
+        # "file": managed by the rules file, which replaces API edits at the next start
+        "source": row.source.value,
     }
 
 

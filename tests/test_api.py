@@ -289,6 +289,7 @@ def test_rules_and_destinations_crud_is_validated_and_audited(
     assert r.status_code == 422
     listed = client.get("/api/rules", headers=bearer(tokens["viewer"])).json()
     assert [x["name"] for x in listed] == ["liver-ct"]
+    assert listed[0]["source"] == "api"  # created here, so a rules-file load keeps it
     assert client.delete("/api/rules/liver-ct", headers=h).status_code == 204
     assert client.delete("/api/rules/liver-ct", headers=h).status_code == 404
 
