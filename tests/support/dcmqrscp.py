@@ -11,14 +11,13 @@ accepts associations from any calling AE. (It forks a child per association:
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import free_port
-from tests.support.dcmtk import dcmtk_env, echoscu
+from tests.support.dcmtk import dcmtk_env, stop, wait_for_echo
 
 DCMQRSCP = "/usr/bin/dcmqrscp"
 DCMQRIDX = "/usr/bin/dcmqridx"
@@ -68,18 +67,7 @@ def dcmqrscp(
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 30
-        while echoscu(port, called_ae=aet, timeout=10).returncode != 0:
-            if proc.poll() is not None:
-                raise RuntimeError(f"dcmqrscp exited with {proc.returncode}: {log.read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("dcmqrscp did not answer C-ECHO within 30 s")
-            time.sleep(0.05)
+        wait_for_echo(proc, port, aet, "dcmqrscp", log.read_text)
         yield QrScp(port, aet, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

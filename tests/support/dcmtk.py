@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,6 +106,35 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> 
             time.sleep(0.05)
 
 
+def wait_for_echo(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    ae_title: str,
+    name: str,
+    output: Callable[[], str],
+    timeout: float = 30,
+) -> None:
+    """Wait until the DCMTK server ``proc`` answers C-ECHO on ``port``; fail with its
+    ``output()`` if it exits first, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while echoscu(port, called_ae=ae_title, timeout=10).returncode != 0:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {output()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not answer C-ECHO within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a server process; kill it if it has not ended after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def storescp(
     port: int,
@@ -133,19 +162,13 @@ def storescp(
     ]
     proc = subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while echoscu(port, called_ae=ae_title, timeout=10).returncode != 0:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"storescp exited with {proc.returncode}: {err}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("storescp did not answer C-ECHO within 30 s")
-            time.sleep(0.05)
+        wait_for_echo(
+            proc,
+            port,
+            ae_title,
+            "storescp",
+            lambda: proc.stderr.read().decode() if proc.stderr else "",
+        )
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
