@@ -534,6 +534,20 @@ def _kind_from_hu(organ: Organ, hu: float, diameter: float) -> LesionKind:
     return LesionKind.NODULE if diameter < 10 else LesionKind.MASS
 
 
+def _synthetic_provenance(model_name: str, truth: CaseTruth, note: str) -> Provenance:
+    """Provenance of findings made from a generator case's truth, not by a network."""
+    return Provenance(
+        model_name=model_name,
+        model_version="0",
+        weights_sha256="",
+        pipeline_version="synthetic",
+        input_series_uid="",
+        input_sop_uids=(),
+        contrast_phase=truth.phase,
+        notes=(note,),
+    )
+
+
 def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
     """What a segmentation network plus measurement would report for ``truth``.
 
@@ -647,15 +661,10 @@ def measured_findings(truth: CaseTruth, rng: np.random.Generator) -> Findings:
                 confidence=float(np.clip(rng.normal(0.85, 0.08), 0.3, 1.0)),
             )
         )
-    prov = Provenance(
-        model_name="synthetic-measurement",
-        model_version="0",
-        weights_sha256="",
-        pipeline_version="synthetic",
-        input_series_uid="",
-        input_sop_uids=(),
-        contrast_phase=truth.phase,
-        notes=("image features from ground-truth case + measurement noise, not from the network",),
+    prov = _synthetic_provenance(
+        "synthetic-measurement",
+        truth,
+        "image features from ground-truth case + measurement noise, not from the network",
     )
     return Findings(
         tuple(organs), tuple(lesions), (), (), prov, extra={"truth_lesion_of": truth_of}
@@ -731,15 +740,10 @@ def reference_findings(truth: CaseTruth) -> Findings:
         )
         for les in truth.lesions
     ]
-    prov = Provenance(
-        model_name="synthetic-reference",
-        model_version="0",
-        weights_sha256="",
-        pipeline_version="synthetic",
-        input_series_uid="",
-        input_sop_uids=(),
-        contrast_phase=truth.phase,
-        notes=("findings are the case truth (no detection or measurement error)",),
+    prov = _synthetic_provenance(
+        "synthetic-reference",
+        truth,
+        "findings are the case truth (no detection or measurement error)",
     )
     return Findings(
         tuple(organs),
