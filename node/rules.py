@@ -66,6 +66,7 @@ from pydantic import (
 )
 
 from node.errors import ConfigError
+from node.registry import slice_thickness_of
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,6 @@ class SeriesAttributes:
             raise ConfigError(f"no DICOM files found in {folder}")
         if len(series_uids) > 1:
             raise ConfigError(f"{folder} holds {len(series_uids)} series; give one series")
-        from node.registry import slice_thickness_of  # the ingest's own reading
-
         thickness = slice_thickness_of(first)
         return cls.from_mapping(
             {
