@@ -160,11 +160,19 @@ class PostProcess:
     lesion component is kept only if its highest lesion probability reaches this
     (None: no such requirement). ``organ_thresholds``: organ name -> probability at or
     above which a voxel the argmax left as background joins that organ.
+    ``fill_holes``: organ names whose enclosed background (in 3-D, then in each axial
+    slice) joins the organ, so that a lesion the network left as background inside an
+    organ (a gallstone in the bile) still counts in the organ's volume.
+    ``lesion_split_mm``: split a lesion component into touching lesions where its
+    distance map has separate maxima that rise at least this many millimetres above
+    the saddle between them (None: components are not split).
     """
 
     lesion_threshold: float | None = None
     lesion_seed_threshold: float | None = None
     organ_thresholds: dict[str, float] = field(default_factory=dict)
+    fill_holes: tuple[str, ...] = ()
+    lesion_split_mm: float | None = None
 
     def __post_init__(self) -> None:
         named = [("lesion_threshold", self.lesion_threshold)]
@@ -173,14 +181,22 @@ class PostProcess:
         for name, value in named:
             if value is not None and not (isinstance(value, int | float) and 0.0 < value < 1.0):
                 raise BundleError(f"postprocess {name} must be a probability in (0, 1)")
+        split = self.lesion_split_mm
+        if split is not None and not (isinstance(split, int | float) and split > 0):
+            raise BundleError("postprocess lesion_split_mm must be a positive number of mm")
 
     @classmethod
     def from_json(cls, data: Any, organs: set[str]) -> PostProcess:
         if not isinstance(data, Mapping):
             raise BundleError("postprocess must be a JSON object")
-        unknown = sorted(
-            set(data) - {"lesion_threshold", "lesion_seed_threshold", "organ_thresholds"}
-        )
+        known = {
+            "lesion_threshold",
+            "lesion_seed_threshold",
+            "organ_thresholds",
+            "fill_holes",
+            "lesion_split_mm",
+        }
+        unknown = sorted(set(data) - known)
         if unknown:
             raise BundleError(f"postprocess: unknown field(s) {', '.join(unknown)}")
         thresholds = data.get("organ_thresholds") or {}
@@ -191,18 +207,32 @@ class PostProcess:
             raise BundleError(
                 f"postprocess organ_thresholds: not an organ channel: {', '.join(bad)}"
             )
+        fill = data.get("fill_holes") or []
+        if not isinstance(fill, list) or not all(isinstance(x, str) for x in fill):
+            raise BundleError("postprocess fill_holes must be a list of organ names")
+        bad = sorted(set(fill) - organs)
+        if bad:
+            raise BundleError(f"postprocess fill_holes: not an organ channel: {', '.join(bad)}")
         return cls(
             lesion_threshold=data.get("lesion_threshold"),
             lesion_seed_threshold=data.get("lesion_seed_threshold"),
             organ_thresholds={str(k): v for k, v in thresholds.items()},
+            fill_holes=tuple(fill),
+            lesion_split_mm=data.get("lesion_split_mm"),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "lesion_threshold": self.lesion_threshold,
             "lesion_seed_threshold": self.lesion_seed_threshold,
             "organ_thresholds": dict(self.organ_thresholds),
         }
+        # the later fields are written only when set, so older bundles read back unchanged
+        if self.fill_holes:
+            out["fill_holes"] = list(self.fill_holes)
+        if self.lesion_split_mm is not None:
+            out["lesion_split_mm"] = self.lesion_split_mm
+        return out
 
 
 @dataclass(frozen=True)

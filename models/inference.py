@@ -237,6 +237,37 @@ def labels_from_probs(probs: torch.Tensor, bundle: Bundle) -> npt.NDArray[np.uin
     return labels
 
 
+def _fill_holes(out: npt.NDArray[np.uint8], ch: int) -> None:
+    """Background enclosed by organ ``ch`` joins it: in 3-D, then in each axial slice."""
+    m = out == ch
+    if not m.any():
+        return
+    box = ndimage.find_objects(m.astype(np.uint8))[0]
+    sub, mb = out[box], m[box]
+    filled = ndimage.binary_fill_holes(mb)
+    for k in range(filled.shape[0]):
+        filled[k] = ndimage.binary_fill_holes(filled[k])
+    sub[filled & (sub == 0)] = ch
+
+
+def split_lesion_component(
+    mask: npt.NDArray[np.bool_], spacing_mm: Sequence[float], h_mm: float
+) -> tuple[npt.NDArray[np.int32], int]:
+    """Split one lesion component into touching lesions: markers are the maxima of its
+    distance map (mm) that rise at least ``h_mm`` above the saddle to any other, regions
+    by watershed on the distance map. Returns labels 1..n within ``mask`` and n."""
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    dist = ndimage.distance_transform_edt(mask, sampling=tuple(spacing_mm))
+    peaks = h_maxima(dist, h_mm) & mask
+    markers, n = ndimage.label(peaks, structure=_STRUCT26)
+    if n <= 1:
+        return mask.astype(np.int32), 1
+    parts = watershed(-dist, markers, mask=mask)
+    return np.asarray(parts, dtype=np.int32), n
+
+
 def postprocess(
     labels: npt.NDArray[Any],
     lesion_prob: npt.NDArray[np.float32],
@@ -260,6 +291,9 @@ def postprocess(
         else np.zeros(labels.shape, dtype=bool)
     )
     comp, n = ndimage.label(lesion, structure=_STRUCT26)
+    split = bundle.postprocess.lesion_split_mm
+    if split is not None and n:
+        comp, n = _split_components(comp, n, bundle.spacing_mm, split)
     instances = np.zeros(labels.shape, dtype=np.int32)
     organs: dict[int, Organ] = {}
     conf: dict[int, float] = {}
@@ -292,7 +326,25 @@ def postprocess(
             out[box][m] = ch
             organs[number] = by_channel[ch]
             conf[number] = float(lesion_prob[box][m].mean())
+    for name in bundle.postprocess.fill_holes:
+        _fill_holes(out, next(ch for o, ch in organ_ch.items() if o.value == name))
     return out, instances, organs, conf
+
+
+def _split_components(
+    comp: npt.NDArray[np.int32], n: int, spacing_mm: Sequence[float], h_mm: float
+) -> tuple[npt.NDArray[np.int32], int]:
+    """Relabel lesion components with touching lesions split (:func:`split_lesion_component`)."""
+    out = np.zeros_like(comp)
+    total = 0
+    for idx, box in enumerate(ndimage.find_objects(comp)):
+        if box is None:
+            continue
+        m = comp[box] == idx + 1
+        parts, k = split_lesion_component(m, spacing_mm, h_mm)
+        out[box][m] = parts[m] + total
+        total += k
+    return out, total
 
 
 def _bundle_axes(bundle: Bundle) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]] | None:

@@ -57,16 +57,34 @@ def main() -> int:
         metavar="CLASS=W",
         help="loss weight of a class (default: lesion=3)",
     )
+    ap.add_argument(
+        "--case-weight",
+        action="append",
+        default=[],
+        metavar="KEY=W",
+        help="sampling weight of cases with a lesion of this disease (KEY: a disease, or "
+        "MODALITY:disease, e.g. MR:cholelithiasis); a case takes the largest that applies",
+    )
+    ap.add_argument(
+        "--all-seeds",
+        action="store_true",
+        help="train on every case in --data (default: leave out seeds ending in 9)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    case_weights = _weights(args.case_weight)
     rows = []
     for case in sorted((args.data.resolve() / "cases").iterdir()):
         seed = int(case.name.rsplit("-", 1)[1])
         if not (case / "truth.json").is_file():
             continue
         truth = json.loads((case / "truth.json").read_text())
+        keys = set()
+        for les in truth.get("lesions", ()):
+            keys |= {str(les.get("disease")), f"{truth.get('modality', 'CT')}:{les.get('disease')}"}
+        weight = max([1.0] + [case_weights[k] for k in keys if k in case_weights])
         rows.append(
             {
                 "case_id": case.name,
@@ -75,7 +93,8 @@ def main() -> int:
                 "lesions": str(case / "lesion_labels.nii.gz"),
                 "modality": truth.get("modality", "CT"),
                 # seeds ending in 9 were validation for the shipped run: not trained on
-                "split": "val" if seed % 10 == 9 else "train",
+                "split": "val" if seed % 10 == 9 and not args.all_seeds else "train",
+                "weight": weight,
             }
         )
     for row in totalseg_manifest_rows(args.shared):

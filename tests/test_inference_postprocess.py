@@ -80,6 +80,49 @@ def test_seed_threshold_drops_lesions_without_a_confident_voxel(tiny: Bundle) ->
     assert set(np.unique(inst)) == {0, 1, 2}  # without the seed threshold both are kept
 
 
+def test_fill_holes_puts_enclosed_background_into_the_organ(tiny: Bundle) -> None:
+    lab = np.zeros((12, 30, 30), np.uint8)
+    lab[2:10, 5:25, 5:25] = GALLBLADDER
+    lab[4:8, 10:15, 10:15] = 0  # a stone the network left as background, enclosed in 3-D
+    lab[2:10, 18:21, 18:21] = 0  # a channel open at both ends: enclosed only in each slice
+    prob = np.zeros(lab.shape, np.float32)
+    organ_map, *_ = postprocess(lab, prob, tiny, voxel_ml=0.027)
+    assert int((organ_map == GALLBLADDER).sum()) == int((lab == GALLBLADDER).sum())
+    bundle = replace(tiny, postprocess=PostProcess(fill_holes=("gallbladder",)))
+    organ_map, *_ = postprocess(lab, prob, bundle, voxel_ml=0.027)
+    assert (organ_map[2:10, 5:25, 5:25] == GALLBLADDER).all()
+    assert int((organ_map == GALLBLADDER).sum()) == 8 * 20 * 20
+    # background outside the organ is never claimed
+    assert (organ_map[:2] == 0).all() and (organ_map[:, :5] == 0).all()
+
+
+def _two_touching_spheres() -> tuple[np.ndarray, np.ndarray]:
+    lab = np.zeros((20, 40, 60), np.uint8)
+    lab[1:19, 1:39, 1:59] = LIVER
+    zz, yy, xx = np.mgrid[:20, :40, :60]
+    a = (zz - 10) ** 2 + (yy - 20) ** 2 + (xx - 17) ** 2 <= 36
+    b = (zz - 10) ** 2 + (yy - 20) ** 2 + (xx - 29) ** 2 <= 36  # centres 12 voxels apart
+    bridge = (abs(zz - 10) <= 1) & (abs(yy - 20) <= 1) & (xx >= 17) & (xx <= 29)
+    lab[a | b | bridge] = LESION
+    prob = np.where(lab == LESION, 0.9, 0.0).astype(np.float32)
+    return lab, prob
+
+
+def test_lesion_split_separates_touching_lesions(tiny: Bundle) -> None:
+    lab, prob = _two_touching_spheres()
+    _, inst, organs, _ = postprocess(lab, prob, tiny, voxel_ml=0.027)
+    assert set(np.unique(inst)) == {0, 1}  # one component without splitting
+    bundle = replace(tiny, postprocess=PostProcess(lesion_split_mm=6.0))
+    _, inst, organs, _ = postprocess(lab, prob, bundle, voxel_ml=0.027)
+    assert set(np.unique(inst)) == {0, 1, 2}
+    assert inst[10, 20, 17] != inst[10, 20, 29]
+    assert organs == {1: Organ.LIVER, 2: Organ.LIVER}
+    # a saddle shallower than the threshold: kept as one lesion
+    bundle = replace(tiny, postprocess=PostProcess(lesion_split_mm=30.0))
+    _, inst, _, _ = postprocess(lab, prob, bundle, voxel_ml=0.027)
+    assert set(np.unique(inst)) == {0, 1}
+
+
 def _with_post(tmp_path: Path, post: Any) -> Path:
     root = make_tiny_bundle(tmp_path / "b")
     meta_path = root / "configs" / "metadata.json"
@@ -98,6 +141,11 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
     bundle = load_bundle(_with_post(tmp_path, post))
     assert bundle.postprocess == PostProcess(0.2, 0.5, {"gallbladder": 0.3})
     assert bundle.postprocess.to_json() == post
+    post = {**post, "fill_holes": ["gallbladder", "liver"], "lesion_split_mm": 3.0}
+    bundle = load_bundle(_with_post(tmp_path / "2", post))
+    assert bundle.postprocess.fill_holes == ("gallbladder", "liver")
+    assert bundle.postprocess.lesion_split_mm == 3.0
+    assert bundle.postprocess.to_json() == post
 
 
 @pytest.mark.parametrize(
@@ -108,6 +156,9 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
         ({"organ_thresholds": {"gallbladder": "high"}}, "organ_thresholds.gallbladder"),
         ({"organ_thresholds": {"heart": 0.3}}, "not an organ channel: heart"),
         ({"lesion_threshhold": 0.2}, "unknown field"),
+        ({"fill_holes": ["heart"]}, "fill_holes: not an organ channel: heart"),
+        ({"fill_holes": "gallbladder"}, "fill_holes must be a list"),
+        ({"lesion_split_mm": -1}, "lesion_split_mm must be a positive"),
         ([0.2], "must be a JSON object"),
     ],
 )
