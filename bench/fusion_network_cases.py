@@ -1,7 +1,7 @@
 """Run the segmentation network on synthetic generator cases and keep its measurements.
 
     .venv/bin/python bench/fusion_network_cases.py --cases 300 [--first-seed 700000]
-        [--out bench/results/fusion_network_cases.jsonl]
+        [--out bench/results/fusion_network_cases.jsonl] [--bundle DIR] [--threads N]
 
 For each seed: ``models.synthetic.generate_case`` (CT, 80 x 144 x 144 voxels at
 4 x 2.5 x 2.5 mm, the grid of ``bench/model_quality.py``'s held-out set), then
@@ -36,6 +36,7 @@ SPACING = (4.0, 2.5, 2.5)
 
 
 def case_record(seed: int, bundle: Any, net: Any) -> dict[str, Any]:
+    from models.evaluation.detection import match_lesions
     from models.inference import analyse
     from models.synthetic.generator import generate_case
     from models.volume import Volume
@@ -54,6 +55,13 @@ def case_record(seed: int, bundle: Any, net: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     findings = analyse(volume, bundle, network=net)
     seconds = time.perf_counter() - t0
+    # which truth lesion each measured lesion is (the evaluation's matching; 0: a false
+    # positive), so report_quality can tell a missed lesion from a mis-measured one
+    instances = np.zeros(case.lesion_labels.shape, dtype=np.int32)
+    for les in findings.lesions:
+        instances[les.mask] = les.number
+    det = match_lesions(str(seed), instances, case.lesion_labels, case.affine, measure=False)
+    truth_of = {m.pred: m.ref for m in det.matches}
     return {
         "seed": seed,
         "truth": case.truth.to_json(),
@@ -81,6 +89,7 @@ def case_record(seed: int, bundle: Any, net: Any) -> dict[str, Any]:
                 "site": les.sub_site.value if les.sub_site is not None else None,
                 "mean": None if les.mean_intensity is None else round(float(les.mean_intensity), 2),
                 "confidence": round(float(les.confidence), 3),
+                "truth_lesion": truth_of.get(les.number, 0),
             }
             for les in findings.lesions
         ],
@@ -144,7 +153,12 @@ def findings_from_record(rec: dict[str, Any], *, truth_phase: bool = False) -> A
         contrast_phase=truth.phase if truth_phase else ContrastPhase.UNKNOWN,
         notes=("image features from the segmentation network (models.inference.analyse)",),
     )
-    return Findings(organs, lesions, (), (), prov, extra={"modality": "CT"})
+    extra: dict[str, Any] = {"modality": "CT"}
+    if all("truth_lesion" in les for les in rec["lesions"]):  # records from 2026-11-29 on
+        extra["truth_lesion_of"] = {
+            int(x["number"]): int(x["truth_lesion"]) for x in rec["lesions"]
+        }
+    return Findings(organs, lesions, (), (), prov, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,14 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "fusion_network_cases.jsonl"
     )
+    ap.add_argument("--bundle", type=Path, default=None, help="default: the shipped hpb_demo")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
     import torch
 
     from models.bundle import load_bundle
 
-    torch.set_num_threads(1)
-    bundle = load_bundle(None)
+    torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.bundle)
     net = bundle.network()
     done: set[int] = set()
     if args.out.is_file():
