@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from models.network import (
+    ENSEMBLE_TARGET,
     LESION_LABEL,
     NetworkError,
     build_network,
@@ -397,13 +398,20 @@ def load_bundle(path: Path | str | None = None, *, trusted: bool = False) -> Bun
         except NetworkError as exc:
             raise BundleError(f"bundle {root}: {exc}") from None
     if isinstance(network_def, dict):
-        for key, want in (("in_channels", 1), ("out_channels", len(labels))):
-            got = network_def.get(key)
-            if isinstance(got, int) and got != want:
-                raise BundleError(
-                    f"bundle {root}: configs/inference.json: network_def.{key} is {got}, "
-                    f"the metadata declares {want}"
-                )
+        members = network_def.get("members")
+        defs = (
+            [(f"network_def.members[{i}]", m) for i, m in enumerate(members)]
+            if network_def.get("_target_") == ENSEMBLE_TARGET and isinstance(members, list)
+            else [("network_def", network_def)]
+        )
+        for where, one in defs:
+            for key, want in (("in_channels", 1), ("out_channels", len(labels))):
+                got = one.get(key) if isinstance(one, dict) else None
+                if isinstance(got, int) and got != want:
+                    raise BundleError(
+                        f"bundle {root}: configs/inference.json: {where}.{key} is {got}, "
+                        f"the metadata declares {want}"
+                    )
 
     # weights
     weights = (root / hpb["weights"]).resolve()

@@ -23,6 +23,24 @@ class NetworkError(ValueError):
     """A network definition cannot be built; the message names the field."""
 
 
+class MeanEnsemble(torch.nn.Module):
+    """Members with the same input and output channels; the output is the log of their
+    mean softmax, so a softmax over it is the members' mean probability.
+
+    Declared as ``{"_target_": "hpb.MeanEnsemble", "members": [def, def, ...]}``; the
+    weights are one state dict with keys ``members.<i>.<member key>``."""
+
+    def __init__(self, members: list[torch.nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(dim=0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
 #: Channel index -> name of the node's own model. ``lesion`` is any focal
 #: lesion (split into instances and assigned to organs after inference).
 LESION_LABEL = "lesion"
@@ -45,6 +63,12 @@ ALLOWED_NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "monai.networks.nets.SegResNet": SegResNet,
 }
 _SHORT_NAMES = {name.rsplit(".", 1)[1]: name for name in ALLOWED_NETWORKS}
+ENSEMBLE_TARGET = "hpb.MeanEnsemble"
+
+
+def ensemble_network_def(members: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The definition of a :class:`MeanEnsemble` of ``members`` (network definitions)."""
+    return {"_target_": ENSEMBLE_TARGET, "members": [dict(m) for m in members]}
 
 
 def demo_network_def(out_channels: int = len(DEFAULT_LABELS)) -> dict[str, Any]:
@@ -103,6 +127,17 @@ def check_network_def(network_def: Mapping[str, Any], where: str = "network_def"
     target = network_def.get("_target_")
     if not isinstance(target, str):
         raise NetworkError(f"{where}._target_: missing")
+    if target == ENSEMBLE_TARGET:
+        members = network_def.get("members")
+        if set(network_def) != {"_target_", "members"}:
+            raise NetworkError(f"{where}: {ENSEMBLE_TARGET} takes only 'members'")
+        if not isinstance(members, list) or len(members) < 2:
+            raise NetworkError(f"{where}.members: a list of at least two network definitions")
+        for i, member in enumerate(members):
+            if isinstance(member, Mapping) and member.get("_target_") == ENSEMBLE_TARGET:
+                raise NetworkError(f"{where}.members[{i}]: ensembles do not nest")
+            check_network_def(member, f"{where}.members[{i}]")
+        return ENSEMBLE_TARGET
     full = _SHORT_NAMES.get(target, target)
     if full not in ALLOWED_NETWORKS:
         raise NetworkError(
@@ -123,6 +158,11 @@ def check_network_def(network_def: Mapping[str, Any], where: str = "network_def"
 def build_network(network_def: Mapping[str, Any], where: str = "network_def") -> torch.nn.Module:
     """Instantiate an allowed network from plain JSON arguments (no expression evaluation)."""
     full = check_network_def(network_def, where)
+    if full == ENSEMBLE_TARGET:
+        members = [
+            build_network(m, f"{where}.members[{i}]") for i, m in enumerate(network_def["members"])
+        ]
+        return MeanEnsemble(members)
     kwargs = {k: v for k, v in network_def.items() if k != "_target_"}
     try:
         return ALLOWED_NETWORKS[full](**kwargs)

@@ -19,7 +19,14 @@ from models.bundle import (
     sha256_file,
     write_bundle,
 )
-from models.network import DEFAULT_LABELS, build_network, tiny_network_def
+from models.network import (
+    DEFAULT_LABELS,
+    NetworkError,
+    build_network,
+    check_network_def,
+    ensemble_network_def,
+    tiny_network_def,
+)
 from models.vocab import Organ
 
 TINY_INTENSITY = {
@@ -172,3 +179,56 @@ def test_demo_bundle_is_valid() -> None:
     assert b.root == DEMO_BUNDLE
     assert (DEMO_BUNDLE / "models" / "model.pt").stat().st_size < 8 * 1024 * 1024
     assert "not for clinical use" in (DEMO_BUNDLE / "docs" / "README.md").read_text().lower()
+
+
+def test_ensemble_bundle_averages_member_probabilities(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    a, b = build_network(tiny_network_def()), build_network(tiny_network_def())
+    net_def = ensemble_network_def([tiny_network_def(), tiny_network_def()])
+    state = {f"members.0.{k}": v for k, v in a.state_dict().items()}
+    state.update({f"members.1.{k}": v for k, v in b.state_dict().items()})
+    root = write_bundle(
+        tmp_path / "ens",
+        name="hpb_tiny_ensemble",
+        version="0.0.1",
+        network_def=net_def,
+        state_dict=state,
+        labels=DEFAULT_LABELS,
+        spacing_mm=(3.0, 3.0, 3.0),
+        roi_size=(16, 32, 32),
+        intensity=TINY_INTENSITY,
+        min_lesion_ml=0.1,
+        description="tiny ensemble test bundle, random weights",
+        readme="# tiny ensemble\nRandom weights. Not for clinical use.\n",
+    )
+    net = load_bundle(root).network()
+    x = torch.rand(1, 1, 16, 32, 32)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        want = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        got = torch.softmax(net(x), 1)
+    assert torch.allclose(got, want, atol=1e-5)
+    # a member with the wrong output channels is refused, naming the member
+    _edit(root, "inference.json", lambda d: d["network_def"]["members"][1].update(out_channels=3))
+    with pytest.raises(BundleError, match=r"members\[1\]\.out_channels is 3"):
+        load_bundle(root)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([tiny_network_def()], "at least two"),
+        ([tiny_network_def(), {"_target_": "torch.nn.Linear"}], r"members\[1\]\._target_"),
+        (
+            [tiny_network_def(), {**tiny_network_def(), "act": "$print(1)"}],
+            r"members\[1\]\.act: expression",
+        ),
+        (
+            [tiny_network_def(), ensemble_network_def([tiny_network_def()] * 2)],
+            "do not nest",
+        ),
+    ],
+)
+def test_ensemble_definition_is_checked(members: list[Any], message: str) -> None:
+    with pytest.raises(NetworkError, match=message):
+        check_network_def({"_target_": "hpb.MeanEnsemble", "members": members})
