@@ -5,7 +5,7 @@
         [--shared ../shared/data] [--out bench/results/model_quality.json]
 
 ``DATASET`` is a synthetic dataset written by ``hpb-node synth`` with seeds that
-were not used for training (the demo weights were trained on seeds 0-159; the
+were not used for training (the demo weights were trained on seeds 0-239; the
 held-out set is seeds 1000-1019: ``hpb-node synth --out D -n 20 --seed 1000
 --shape 80 144 144 --spacing 4 2.5 2.5 --mr-share 0.2 --no-dicom``).
 
