@@ -35,17 +35,25 @@ TINY_INTENSITY = {
 }
 
 
-def make_tiny_bundle(out: Path, *, seed: int = 0) -> Path:
-    """A contract-valid bundle with a tiny randomly initialised U-Net."""
+def make_tiny_bundle(
+    out: Path,
+    *,
+    seed: int = 0,
+    network_def: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """A contract-valid bundle with a tiny randomly initialised U-Net (or the given
+    network definition and weights)."""
     torch.manual_seed(seed)
-    net_def = tiny_network_def()
-    net = build_network(net_def)
+    net_def = network_def if network_def is not None else tiny_network_def()
+    if state_dict is None:
+        state_dict = build_network(net_def).state_dict()
     return write_bundle(
         out,
         name="hpb_tiny_test",
         version="0.0.1",
         network_def=net_def,
-        state_dict=net.state_dict(),
+        state_dict=state_dict,
         labels=DEFAULT_LABELS,
         spacing_mm=(3.0, 3.0, 3.0),
         roi_size=(16, 32, 32),
@@ -187,20 +195,7 @@ def test_ensemble_bundle_averages_member_probabilities(tmp_path: Path) -> None:
     net_def = ensemble_network_def([tiny_network_def(), tiny_network_def()])
     state = {f"members.0.{k}": v for k, v in a.state_dict().items()}
     state.update({f"members.1.{k}": v for k, v in b.state_dict().items()})
-    root = write_bundle(
-        tmp_path / "ens",
-        name="hpb_tiny_ensemble",
-        version="0.0.1",
-        network_def=net_def,
-        state_dict=state,
-        labels=DEFAULT_LABELS,
-        spacing_mm=(3.0, 3.0, 3.0),
-        roi_size=(16, 32, 32),
-        intensity=TINY_INTENSITY,
-        min_lesion_ml=0.1,
-        description="tiny ensemble test bundle, random weights",
-        readme="# tiny ensemble\nRandom weights. Not for clinical use.\n",
-    )
+    root = make_tiny_bundle(tmp_path / "ens", network_def=net_def, state_dict=state)
     net = load_bundle(root).network()
     x = torch.rand(1, 1, 16, 32, 32)
     a.eval(), b.eval()
