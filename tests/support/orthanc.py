@@ -30,7 +30,6 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.support.dcmtk import stop
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 
@@ -146,7 +145,12 @@ class OrthancProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        stop(proc, timeout=20)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def restart(self) -> None:
         self.stop()

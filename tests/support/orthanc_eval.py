@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import free_port
-from tests.support.dcmtk import stop
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
@@ -106,4 +105,9 @@ def run_orthanc(workdir: Path, *, ready_timeout: float = 60.0) -> Iterator[Ortha
             time.sleep(0.1)
         yield server
     finally:
-        stop(proc, timeout=20)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
