@@ -152,6 +152,48 @@ class IntensityNorm:
 
 
 @dataclass(frozen=True)
+class LesionRefine:
+    """Redraw a lesion's outline at half contrast on the source grid
+    (``postprocess.lesion_refine``; :func:`models.inference.refine_lesion`).
+
+    The lesion's level is the 75th (brighter lesion) or 25th (darker lesion) percentile
+    of its voxels, the background's the median of a ring of organ voxels
+    ``grow_voxels`` + 1 to ``grow_voxels`` + 3 voxels outside it; the new outline is
+    where the image, smoothed by a Gaussian of ``smooth_voxels``, crosses halfway between
+    them, searched within ``grow_voxels`` of the network's outline. A lesion whose
+    contrast is below ``min_contrast`` times the ring's robust noise keeps its outline.
+    """
+
+    grow_voxels: int = 2
+    smooth_voxels: float = 0.7
+    min_contrast: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grow_voxels, int) or not 1 <= self.grow_voxels <= 5:
+            raise BundleError("postprocess lesion_refine.grow_voxels must be an integer 1-5")
+        for name in ("smooth_voxels", "min_contrast"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise BundleError(f"postprocess lesion_refine.{name} must be a number >= 0")
+
+    @classmethod
+    def from_json(cls, data: Any) -> LesionRefine:
+        if not isinstance(data, Mapping):
+            raise BundleError("postprocess lesion_refine must be a JSON object")
+        unknown = sorted(set(data) - {"grow_voxels", "smooth_voxels", "min_contrast"})
+        if unknown:
+            raise BundleError(f"postprocess lesion_refine: unknown field(s) {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "grow_voxels": self.grow_voxels,
+            "smooth_voxels": self.smooth_voxels,
+            "min_contrast": self.min_contrast,
+        }
+
+
+@dataclass(frozen=True)
 class PostProcess:
     """How probabilities become labels (``hpb_node.postprocess`` in ``configs/metadata.json``;
     absent: the plain argmax).
@@ -167,6 +209,8 @@ class PostProcess:
     ``lesion_split_mm``: split a lesion component into touching lesions where its
     distance map has separate maxima that rise at least this many millimetres above
     the saddle between them (None: components are not split).
+    ``lesion_refine``: redraw each lesion's outline on the source grid where the image
+    shows it (:class:`LesionRefine`; None: the network's outline, resampled, is kept).
     """
 
     lesion_threshold: float | None = None
@@ -174,6 +218,7 @@ class PostProcess:
     organ_thresholds: dict[str, float] = field(default_factory=dict)
     fill_holes: tuple[str, ...] = ()
     lesion_split_mm: float | None = None
+    lesion_refine: LesionRefine | None = None
 
     def __post_init__(self) -> None:
         named = [("lesion_threshold", self.lesion_threshold)]
@@ -196,6 +241,7 @@ class PostProcess:
             "organ_thresholds",
             "fill_holes",
             "lesion_split_mm",
+            "lesion_refine",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -220,6 +266,11 @@ class PostProcess:
             organ_thresholds={str(k): v for k, v in thresholds.items()},
             fill_holes=tuple(fill),
             lesion_split_mm=data.get("lesion_split_mm"),
+            lesion_refine=(
+                LesionRefine.from_json(data["lesion_refine"])
+                if data.get("lesion_refine") is not None
+                else None
+            ),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -233,6 +284,8 @@ class PostProcess:
             out["fill_holes"] = list(self.fill_holes)
         if self.lesion_split_mm is not None:
             out["lesion_split_mm"] = self.lesion_split_mm
+        if self.lesion_refine is not None:
+            out["lesion_refine"] = self.lesion_refine.to_json()
         return out
 
 

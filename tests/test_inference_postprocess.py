@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
-from models.bundle import Bundle, BundleError, PostProcess, load_bundle
-from models.inference import labels_from_probs, postprocess
+from models.bundle import Bundle, BundleError, LesionRefine, PostProcess, load_bundle
+from models.evaluation.detection import longest_axial_diameter_mm
+from models.inference import labels_from_probs, postprocess, refine_lesion, refine_lesions
 from models.vocab import Organ
 from tests.test_bundle import make_tiny_bundle
 
@@ -142,9 +144,11 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
     assert bundle.postprocess == PostProcess(0.2, 0.5, {"gallbladder": 0.3})
     assert bundle.postprocess.to_json() == post
     post = {**post, "fill_holes": ["gallbladder", "liver"], "lesion_split_mm": 3.0}
+    post["lesion_refine"] = {"grow_voxels": 3, "smooth_voxels": 0.5, "min_contrast": 2.5}
     bundle = load_bundle(_with_post(tmp_path / "2", post))
     assert bundle.postprocess.fill_holes == ("gallbladder", "liver")
     assert bundle.postprocess.lesion_split_mm == 3.0
+    assert bundle.postprocess.lesion_refine == LesionRefine(3, 0.5, 2.5)
     assert bundle.postprocess.to_json() == post
 
 
@@ -159,6 +163,10 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
         ({"fill_holes": ["heart"]}, "fill_holes: not an organ channel: heart"),
         ({"fill_holes": "gallbladder"}, "fill_holes must be a list"),
         ({"lesion_split_mm": -1}, "lesion_split_mm must be a positive"),
+        ({"lesion_refine": {"grow_voxels": 9}}, "grow_voxels must be an integer 1-5"),
+        ({"lesion_refine": {"smooth_voxels": -1}}, "smooth_voxels must be a number >= 0"),
+        ({"lesion_refine": {"grow": 2}}, "lesion_refine: unknown field"),
+        ({"lesion_refine": 2}, "lesion_refine must be a JSON object"),
         ([0.2], "must be a JSON object"),
     ],
 )
@@ -166,3 +174,65 @@ def test_bundle_refuses_bad_postprocess(tmp_path: Path, post: Any, message: str)
     with pytest.raises(BundleError, match=message) as err:
         load_bundle(_with_post(tmp_path, post))
     assert "hpb_node.postprocess" in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# lesion outlines redrawn on the source grid
+
+
+AFFINE = np.diag([2.5, 1.0, 1.0, 1.0])  # slices 2.5 mm apart, 1 mm pixels
+
+
+def _organ_with_lesion(
+    contrast: float, radius_mm: float = 8.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A 50 HU organ filling the volume with a sphere of ``50 + contrast`` HU, blurred
+    like a scanner, with noise of SD 5 HU; and the true sphere."""
+    k, r, c = np.ogrid[:16, :48, :48]
+    dist = np.sqrt(((k - 8) * 2.5) ** 2 + (r - 24.0) ** 2 + (c - 24.0) ** 2)
+    sphere = dist <= radius_mm
+    image = ndimage.gaussian_filter(np.where(sphere, 50.0 + contrast, 50.0), (0.4, 1.0, 1.0))
+    image += np.random.default_rng(seed).normal(0.0, 5.0, image.shape)
+    return image.astype(np.float32), sphere
+
+
+def _grown(mask: np.ndarray, voxels: int) -> np.ndarray:
+    out: np.ndarray = ndimage.binary_dilation(mask, iterations=voxels)
+    return out
+
+
+@pytest.mark.parametrize("contrast", [-40.0, 60.0])
+def test_refine_redraws_a_too_wide_outline_at_half_contrast(contrast: float) -> None:
+    image, sphere = _organ_with_lesion(contrast)
+    coarse = _grown(sphere, 2)  # the network's outline, two voxels too wide
+    inst = coarse.astype(np.int32)
+    organ = ~coarse
+    true_mm = longest_axial_diameter_mm(sphere, AFFINE)
+    assert longest_axial_diameter_mm(coarse, AFFINE) - true_mm >= 3.5
+    new = refine_lesion(image, inst, 1, organ, (2.5, 1.0, 1.0), LesionRefine())
+    assert new is not None
+    assert abs(longest_axial_diameter_mm(new, AFFINE) - true_mm) <= 1.5
+    overlap = (new & sphere).sum() / (new | sphere).sum()
+    assert overlap >= 0.8
+
+
+def test_refine_keeps_the_outline_where_the_lesion_does_not_show() -> None:
+    image, sphere = _organ_with_lesion(2.0)  # 2 HU in noise of SD 5 HU
+    inst = _grown(sphere, 1).astype(np.int32)
+    organ = inst == 0
+    assert refine_lesion(image, inst, 1, organ, (2.5, 1.0, 1.0), LesionRefine()) is None
+
+
+def test_refine_lesions_moves_voxels_between_lesion_and_organ_only() -> None:
+    image, sphere = _organ_with_lesion(-40.0)
+    coarse = _grown(sphere, 2)
+    inst = coarse.astype(np.int32)
+    # a second lesion next to the first keeps every voxel it had
+    inst[8, 24, 40:44] = 2
+    labels = np.full(inst.shape, LIVER, dtype=np.uint8)
+    labels[:, :, 46:] = 0  # outside the organ
+    new_inst, new_labels = refine_lesions(image, inst, labels, (2.5, 1.0, 1.0), LesionRefine())
+    assert ((new_inst == 2) == (inst == 2)).all()
+    assert (new_inst == 1).sum() < coarse.sum()
+    assert ((new_inst == 1) <= (new_labels == LIVER)).all()
+    assert (new_labels == labels).all()  # the lesion stayed inside its organ
