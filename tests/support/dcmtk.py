@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -125,11 +126,11 @@ def wait_for_echo(
         time.sleep(0.05)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate a server process; kill it if it has not ended after 10 s."""
+def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Terminate a server process; kill it if it has not ended after ``timeout`` s."""
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

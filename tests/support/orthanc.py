@@ -30,6 +30,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.support.dcmtk import stop
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 
@@ -145,12 +146,7 @@ class OrthancProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
 
     def restart(self) -> None:
         self.stop()

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import free_port
+from tests.support.dcmtk import stop
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
@@ -105,9 +106,4 @@ def run_orthanc(workdir: Path, *, ready_timeout: float = 60.0) -> Iterator[Ortha
             time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
