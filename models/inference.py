@@ -24,6 +24,9 @@ Steps of :func:`segment`:
 8. with ``lesion_refine`` declared, each lesion's outline redrawn on the source grid
    at half its contrast with the organ around it (:func:`refine_lesion`): the
    network's outline is coarse at its 2.5-4 mm voxels, and sizes are read from it.
+   The edge level travels with the segmentation (``Segmentation.lesion_edges``), and
+   the measurements take each refined lesion's diameters from the image's sub-voxel
+   contour at that level (:class:`models.measure.LesionEdge`).
 
 :func:`analyse` adds the measurements (:mod:`models.measure`) and provenance and
 returns ``Findings`` with no diagnoses and no report; :func:`with_interpretation`
@@ -35,7 +38,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,7 +57,7 @@ from models.findings import (
     Provenance,
     ReportSentence,
 )
-from models.measure import measure_lesions, measure_organ
+from models.measure import LesionEdge, measure_lesions, measure_organ
 from models.vocab import ContrastPhase, Organ
 from models.volume import Volume
 
@@ -199,6 +202,8 @@ class Segmentation:
     lesion_organs: dict[int, Organ]
     lesion_confidence: dict[int, float]
     organ_confidence: dict[Organ, float]
+    # where the image shows a refined lesion's edge (sub-voxel measurement)
+    lesion_edges: dict[int, LesionEdge] = field(default_factory=dict)
 
 
 def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -350,6 +355,29 @@ def _split_components(
     return out, total
 
 
+def _edge_levels(
+    img: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.bool_],
+    core: npt.NDArray[np.bool_],
+    organ: npt.NDArray[np.bool_],
+    sampling: tuple[float, ...],
+    params: LesionRefine,
+) -> tuple[float, float, float] | None:
+    """(lesion level, background level, sign of the contrast) of a lesion ``mask``
+    (:class:`LesionRefine`); None with too little organ around it or too little contrast."""
+    d_out = ndimage.distance_transform_edt(~mask, sampling=sampling)
+    ring = (d_out > params.grow_voxels) & (d_out <= params.grow_voxels + 3) & organ
+    if ring.sum() < 10:
+        return None
+    bg = float(np.median(img[ring]))
+    sign = 1.0 if float(np.median(img[core])) >= bg else -1.0
+    fg = float(np.percentile(img[mask], 75 if sign > 0 else 25))
+    noise = 1.4826 * float(np.median(np.abs(img[ring] - bg)))
+    if abs(fg - bg) <= params.min_contrast * noise or fg == bg:
+        return None
+    return fg, bg, sign
+
+
 def refine_lesion(
     image: npt.NDArray[Any],
     instances: npt.NDArray[np.int32],
@@ -357,10 +385,13 @@ def refine_lesion(
     organ: npt.NDArray[np.bool_],
     spacing_mm: Sequence[float],
     params: LesionRefine,
-) -> npt.NDArray[np.bool_] | None:
+) -> tuple[npt.NDArray[np.bool_], LesionEdge] | None:
     """Lesion ``number``'s outline redrawn at half contrast (:class:`LesionRefine`), as a
-    mask of ``instances``' shape; None where the image does not show it clearly enough
-    (too little contrast or organ around it) and the network's outline should stay.
+    mask of ``instances``' shape, and the edge level it was drawn at (for sub-voxel
+    measurement, :class:`models.measure.LesionEdge`); None where the image does not show
+    it clearly enough (too little contrast or organ around it) and the network's
+    outline should stay. The edge level is taken again from the redrawn outline's own
+    core and ring, which places the measuring contour better than the first guess.
 
     ``organ`` marks organ voxels that are no lesion; the new outline never takes
     another lesion's voxels and keeps only the parts connected to the lesion's core."""
@@ -382,17 +413,11 @@ def refine_lesion(
     if core.sum() < 3:
         core = mb
     sp = np.asarray(spacing_mm, dtype=np.float64)
-    d_out = ndimage.distance_transform_edt(~mb, sampling=tuple(sp / sp.min()))
-    ring = (d_out > params.grow_voxels) & (d_out <= params.grow_voxels + 3)
-    ring &= organ[box] & ~other
-    if ring.sum() < 10:
+    sampling = tuple(sp / sp.min())
+    levels = _edge_levels(img, mb, core, organ[box] & ~other, sampling, params)
+    if levels is None:
         return None
-    bg = float(np.median(img[ring]))
-    sign = 1.0 if float(np.median(img[core])) >= bg else -1.0
-    fg = float(np.percentile(img[mb], 75 if sign > 0 else 25))
-    noise = 1.4826 * float(np.median(np.abs(img[ring] - bg)))
-    if abs(fg - bg) <= params.min_contrast * noise or fg == bg:
-        return None
+    fg, bg, sign = levels
     half = (fg + bg) / 2.0
     region = ndimage.binary_dilation(mb, structure=_STRUCT26, iterations=params.grow_voxels)
     cand = region & ~other & (sign * (img - half) > 0)
@@ -406,7 +431,15 @@ def refine_lesion(
         r[k] = ndimage.binary_fill_holes(r[k])
     out = np.zeros(m.shape, dtype=bool)
     out[box] = r
-    return out
+    # the edge level for measurement, from the redrawn outline (its own ring and core)
+    core2 = ndimage.binary_erosion(r)
+    again = _edge_levels(
+        img, r, core2 if core2.sum() >= 3 else r, (organ[box] | mb) & ~other & ~r, sampling, params
+    )
+    if again is not None and again[2] == sign:
+        fg, bg, _ = again
+        half = (fg + bg) / 2.0
+    return out, LesionEdge(level=half, outside=bg, smooth_voxels=params.smooth_voxels)
 
 
 def refine_lesions(
@@ -415,24 +448,27 @@ def refine_lesions(
     organ_labels: npt.NDArray[Any],
     spacing_mm: Sequence[float],
     params: LesionRefine,
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[Any]]:
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[Any], dict[int, LesionEdge]]:
     """Every lesion of ``instances`` refined (:func:`refine_lesion`), in order of number;
     voxels a lesion gains join its organ in ``organ_labels`` (channel numbers) and
-    voxels it gives up return to the organ around it. Returns both, updated copies."""
+    voxels it gives up return to the organ around it. Returns both, updated copies,
+    and the edge level of each refined lesion by number."""
     inst = instances.copy()
     labels = organ_labels.copy()
+    edges: dict[int, LesionEdge] = {}
     organ = (labels > 0) & (inst == 0)
     for number in np.unique(inst[inst > 0]).tolist():
-        new = refine_lesion(image, inst, int(number), organ, spacing_mm, params)
-        if new is None or not new.any():
+        refined = refine_lesion(image, inst, int(number), organ, spacing_mm, params)
+        if refined is None or not refined[0].any():
             continue
+        new, edges[int(number)] = refined
         old = inst == number
         ch = np.bincount(labels[old].ravel()).argmax()
         inst[old & ~new] = 0
         inst[new] = number
         labels[new] = ch
         organ = (labels > 0) & (inst == 0)
-    return inst, labels
+    return inst, labels, edges
 
 
 def _bundle_axes(bundle: Bundle) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]] | None:
@@ -514,8 +550,9 @@ def segment_array(
     organ_canon = resample_labels(organ_map, canon_shape)
     inst_canon = resample_labels(inst, canon_shape)
     refine = bundle.postprocess.lesion_refine
+    edges: dict[int, LesionEdge] = {}
     if refine is not None and inst_canon.any():
-        inst_canon, organ_canon = refine_lesions(
+        inst_canon, organ_canon, edges = refine_lesions(
             reo.apply(array), inst_canon, organ_canon, reo.spacing(affine), refine
         )
     organ_src = reo.invert(organ_canon)
@@ -532,6 +569,7 @@ def segment_array(
         lesion_organs=lesion_organs,
         lesion_confidence=lesion_conf,
         organ_confidence=organ_conf,
+        lesion_edges={n: e for n, e in edges.items() if n in present},
     )
 
 
@@ -601,6 +639,7 @@ def findings_from_segmentation(
         {o: m for o, m in seg.organ_masks.items() if m.any()},
         modality=volume.modality,
         confidences=seg.lesion_confidence,
+        edges=seg.lesion_edges,
     )
     notes = (
         "model output; not for clinical use",

@@ -11,6 +11,11 @@ Lesion diameters follow RECIST-style practice in the slice plane:
   slice (the outline is the 0.5 iso-contour of the mask, i.e. the voxel edges);
 * the *short axis* is the longest chord perpendicular to the long axis.
 
+Where the segmentation knows the image level at the lesion's edge
+(:class:`LesionEdge`, from ``models.inference.refine_lesion``), the outline is
+instead the sub-voxel iso-contour of the lightly smoothed image at that level,
+within one voxel of the mask: a caliper placed between voxels, as a reader's is.
+
 Distances are computed in millimetres through the affine, so anisotropic pixels
 and oblique (even sheared) in-plane axes are handled exactly.
 """
@@ -61,6 +66,37 @@ class ArrayGrid:
 
     array: npt.NDArray[Any]
     affine: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class LesionEdge:
+    """Where a lesion's edge lies in the image: the smoothed image (Gaussian of
+    ``smooth_voxels``) crosses ``level`` there, and ``outside`` is the level of the
+    tissue around the lesion (so the inside is the side of ``level`` away from it)."""
+
+    level: float
+    outside: float
+    smooth_voxels: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.level) or not np.isfinite(self.outside):
+            raise MeasureError("lesion edge levels must be finite")
+        if self.level == self.outside:
+            raise MeasureError("lesion edge level equals the outside level")
+
+
+def _edge_contours(
+    image2d: npt.NDArray[Any], mask2d: BoolMask, edge: LesionEdge
+) -> list[npt.NDArray[np.float64]]:
+    """Sub-voxel contours (r, c) of ``image2d`` (already smoothed) at ``edge.level``,
+    within one voxel of ``mask2d``; outside that band the image counts as outside."""
+    band = ndimage.binary_dilation(mask2d, iterations=1)
+    sign = 1.0 if edge.level > edge.outside else -1.0
+    inside = sign * (
+        np.where(band, np.asarray(image2d, dtype=np.float64), edge.outside) - edge.level
+    )
+    padded = np.pad(inside, 1, constant_values=sign * (edge.outside - edge.level))
+    return [np.asarray(c, dtype=np.float64) - 1.0 for c in skmeasure.find_contours(padded, 0.0)]
 
 
 def _check_mask(grid: Grid, mask: npt.NDArray[Any], what: str) -> None:
@@ -158,12 +194,18 @@ def long_axis_mm(mask2d: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> f
     return _feret(_outline_points(m), _plane_basis(affine))[0]
 
 
-def slice_diameters(mask2d: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> SliceDiameters:
-    """Long axis (max Feret) and longest perpendicular chord of a 2-D mask, in mm."""
+def slice_diameters(
+    mask2d: npt.NDArray[Any],
+    affine: npt.NDArray[np.float64],
+    contours: list[npt.NDArray[np.float64]] | None = None,
+) -> SliceDiameters:
+    """Long axis (max Feret) and longest perpendicular chord of a 2-D mask, in mm;
+    of ``contours`` (r, c) instead of the mask's outline when they are given."""
     m = np.asarray(mask2d, dtype=bool)
     if not m.any():
         raise MeasureError("empty mask on slice")
-    contours = _outline_points(m)
+    if not contours:
+        contours = _outline_points(m)
     rmat = _plane_basis(affine)
     rinv = np.linalg.inv(rmat)
     long_mm, p1, p2 = _feret(contours, rmat)
@@ -318,8 +360,10 @@ def measure_lesion(
     *,
     sub_site: SubSite | None = None,
     confidence: float = 1.0,
+    edge: LesionEdge | None = None,
 ) -> LesionFinding:
-    """Measure one lesion (a boolean mask of a single instance)."""
+    """Measure one lesion (a boolean mask of a single instance); with ``edge``, its
+    diameters come from the image's sub-voxel contour at the edge level."""
     _check_mask(grid, mask, f"lesion {number}")
     m = np.asarray(mask, dtype=bool)
     ks = np.flatnonzero(m.any(axis=(1, 2)))
@@ -329,9 +373,28 @@ def measure_lesion(
     rows = np.flatnonzero(m.any(axis=(0, 2)))
     cols = np.flatnonzero(m.any(axis=(0, 1)))
     r0, c0 = int(rows[0]), int(cols[0])
-    crop = m[:, r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
-    key = max((int(k) for k in ks), key=lambda k: long_axis_mm(crop[k], affine))
-    d = slice_diameters(crop[key], affine)
+    if edge is not None:
+        # one voxel of margin for the contour band, three more for the smoothing
+        r0, c0 = max(r0 - 4, 0), max(c0 - 4, 0)
+        r1, c1 = int(rows[-1]) + 5, int(cols[-1]) + 5
+        k0, k1 = max(int(ks[0]) - 3, 0), int(ks[-1]) + 4
+        img = np.asarray(grid.array[k0:k1, r0:r1, c0:c1], dtype=np.float32)
+        if edge.smooth_voxels > 0:
+            img = ndimage.gaussian_filter(img, edge.smooth_voxels)
+        crop = m[:, r0:r1, c0:c1]
+        lines = {int(k): _edge_contours(img[int(k) - k0], crop[int(k)], edge) for k in ks}
+    else:
+        crop = m[:, r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
+        lines = {}
+    rmat = _plane_basis(affine)
+
+    def long_mm(k: int) -> float:
+        if lines.get(k):
+            return _feret(lines[k], rmat)[0]
+        return long_axis_mm(crop[k], affine)
+
+    key = max((int(k) for k in ks), key=long_mm)
+    d = slice_diameters(crop[key], affine, lines.get(key))
 
     centroid_krc = np.argwhere(m).mean(axis=0)
     centroid = centroid_krc @ affine[:3, :3].T + affine[:3, 3]
@@ -369,6 +432,7 @@ def measure_lesions(
     kinds: Mapping[int, LesionKind] | None = None,
     confidences: Mapping[int, float] | None = None,
     sub_site_fn: SubSiteFn | None = anatomical_sub_site,
+    edges: Mapping[int, LesionEdge] | None = None,
 ) -> tuple[LesionFinding, ...]:
     """Measure every lesion instance.
 
@@ -376,7 +440,8 @@ def measure_lesions(
     by decreasing volume) or an integer instance mask (numbers kept). Each lesion
     is assigned to the organ mask that holds most of it (nearest organ if none),
     gets a sub-site from ``sub_site_fn`` (Couinaud segment / pancreatic part) and
-    a kind from ``kinds`` or :func:`default_lesion_kind`.
+    a kind from ``kinds`` or :func:`default_lesion_kind`. ``edges`` gives, by lesion
+    number, where the image shows a lesion's edge (:class:`LesionEdge`).
     """
     _check_mask(grid, lesions, "lesions")
     for organ, om in organ_masks.items():
@@ -401,5 +466,10 @@ def measure_lesions(
             else None
         )
         conf = 1.0 if confidences is None else float(confidences.get(number, 1.0))
-        out.append(measure_lesion(grid, m, number, organ, kind, sub_site=sub_site, confidence=conf))
+        edge = edges.get(number) if edges is not None else None
+        out.append(
+            measure_lesion(
+                grid, m, number, organ, kind, sub_site=sub_site, confidence=conf, edge=edge
+            )
+        )
     return tuple(out)

@@ -209,8 +209,12 @@ def test_refine_redraws_a_too_wide_outline_at_half_contrast(contrast: float) -> 
     organ = ~coarse
     true_mm = longest_axial_diameter_mm(sphere, AFFINE)
     assert longest_axial_diameter_mm(coarse, AFFINE) - true_mm >= 3.5
-    new = refine_lesion(image, inst, 1, organ, (2.5, 1.0, 1.0), LesionRefine())
-    assert new is not None
+    refined = refine_lesion(image, inst, 1, organ, (2.5, 1.0, 1.0), LesionRefine())
+    assert refined is not None
+    new, edge = refined
+    # the edge lies halfway between the lesion and the organ (50 HU)
+    assert abs(edge.level - (50.0 + contrast / 2)) <= abs(contrast) * 0.2
+    assert abs(edge.outside - 50.0) <= 3.0
     assert abs(longest_axial_diameter_mm(new, AFFINE) - true_mm) <= 1.5
     overlap = (new & sphere).sum() / (new | sphere).sum()
     assert overlap >= 0.8
@@ -231,7 +235,10 @@ def test_refine_lesions_moves_voxels_between_lesion_and_organ_only() -> None:
     inst[8, 24, 40:44] = 2
     labels = np.full(inst.shape, LIVER, dtype=np.uint8)
     labels[:, :, 46:] = 0  # outside the organ
-    new_inst, new_labels = refine_lesions(image, inst, labels, (2.5, 1.0, 1.0), LesionRefine())
+    new_inst, new_labels, edges = refine_lesions(
+        image, inst, labels, (2.5, 1.0, 1.0), LesionRefine()
+    )
+    assert set(edges) == {1}  # the image shows no second lesion: it keeps its outline
     assert ((new_inst == 2) == (inst == 2)).all()
     assert (new_inst == 1).sum() < coarse.sum()
     assert ((new_inst == 1) <= (new_labels == LIVER)).all()

@@ -10,8 +10,10 @@ import pytest
 
 from models.measure import (
     ArrayGrid,
+    LesionEdge,
     MeasureError,
     lesion_instances,
+    measure_lesion,
     measure_lesions,
     measure_organ,
     slice_diameters,
@@ -172,3 +174,44 @@ def test_real_ct_liver_volume(shared_data: Path) -> None:
     assert int(f.mask.sum()) == 41602
     assert f.volume_ml == pytest.approx(41602 * 27 / 1000, rel=1e-3)
     assert f.mean_intensity is not None and 20.0 < f.mean_intensity < 90.0  # non-contrast liver HU
+
+
+def _partial_volume_sphere(radius_mm: float, sub: int = 5) -> npt.NDArray[np.float32]:
+    """A 90 HU sphere in 50 HU tissue on 4 x 2.5 x 2.5 mm voxels, each voxel the mean
+    over ``sub``^3 points (partial volume), centred off the voxel grid."""
+    k, r, c = np.meshgrid(np.arange(9), np.arange(40), np.arange(40), indexing="ij")
+    inside = np.zeros(k.shape)
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    for a in offsets:
+        for b in offsets:
+            for d in offsets:
+                dist = np.sqrt(
+                    ((k + a - 4) * 4.0) ** 2
+                    + ((r + b - 20.3) * 2.5) ** 2
+                    + ((c + d - 19.6) * 2.5) ** 2
+                )
+                inside += dist <= radius_mm
+    return (50.0 + 40.0 * inside / sub**3).astype(np.float32)
+
+
+@pytest.mark.parametrize("radius_mm", [5.3, 6.9, 11.2])
+def test_edge_contour_measures_between_voxels(radius_mm: float) -> None:
+    image = _partial_volume_sphere(radius_mm)
+    grid = ArrayGrid(image, _affine((4.0, 2.5, 2.5)))
+    mask = image >= 70.0
+    true_mm = 2 * radius_mm
+    on_mask = measure_lesion(grid, mask, 1, Organ.LIVER, LesionKind.MASS)
+    edge = LesionEdge(level=70.0, outside=50.0)
+    on_edge = measure_lesion(grid, mask, 1, Organ.LIVER, LesionKind.MASS, edge=edge)
+    assert abs(on_edge.long_axis.length_mm - true_mm) <= 0.4
+    assert abs(on_edge.long_axis.length_mm - true_mm) < abs(on_mask.long_axis.length_mm - true_mm)
+    assert abs(on_edge.short_axis.length_mm - true_mm) <= 1.0  # slice thickness blurs it
+    assert on_edge.key_slice == 4
+    # the same through measure_lesions, by lesion number
+    (via,) = measure_lesions(grid, mask.astype(np.int32), {}, edges={1: edge})
+    assert via.long_axis.length_mm == on_edge.long_axis.length_mm
+
+
+def test_edge_levels_must_differ() -> None:
+    with pytest.raises(MeasureError, match="equals the outside"):
+        LesionEdge(level=50.0, outside=50.0)
