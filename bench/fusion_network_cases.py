@@ -13,7 +13,7 @@ appended to and cases already in it are skipped, so a run can be resumed.
 ``bench/fusion_ablation.py --network-cases FILE`` and
 ``bench/report_quality.py --network-cases FILE`` read it: image features (and
 report findings) then come from the network, not from ground truth plus noise.
-The demo weights were trained on generator seeds 0-159; seeds from 700000 on
+The demo weights (0.3.x) were trained on generator seeds 0-239; seeds from 700000 on
 were never used for training.
 """
 
