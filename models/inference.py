@@ -393,8 +393,9 @@ def refine_lesion(
     outline should stay. The edge level is taken again from the redrawn outline's own
     core and ring, which places the measuring contour better than the first guess.
 
-    ``organ`` marks organ voxels that are no lesion; the new outline never takes
-    another lesion's voxels and keeps only the parts connected to the lesion's core."""
+    ``organ`` marks the voxels of the lesion's organ that are no lesion; the new
+    outline grows only into them, never takes another lesion's voxels and keeps only
+    the parts connected to the lesion's core."""
     m = instances == number
     boxes = ndimage.find_objects(m.astype(np.uint8))
     if not boxes or boxes[0] is None:
@@ -420,7 +421,8 @@ def refine_lesion(
     fg, bg, sign = levels
     half = (fg + bg) / 2.0
     region = ndimage.binary_dilation(mb, structure=_STRUCT26, iterations=params.grow_voxels)
-    cand = region & ~other & (sign * (img - half) > 0)
+    # the outline grows only into its own organ, never into fat or bowel beyond it
+    cand = region & ~other & (organ[box] | mb) & (sign * (img - half) > 0)
     comp, _ = ndimage.label(cand, structure=_STRUCT26)
     keep = np.unique(comp[core & cand])
     keep = keep[keep > 0]
@@ -449,25 +451,26 @@ def refine_lesions(
     spacing_mm: Sequence[float],
     params: LesionRefine,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[Any], dict[int, LesionEdge]]:
-    """Every lesion of ``instances`` refined (:func:`refine_lesion`), in order of number;
+    """Every lesion of ``instances`` refined (:func:`refine_lesion`) within the organ it
+    was folded into, in order of number;
     voxels a lesion gains join its organ in ``organ_labels`` (channel numbers) and
     voxels it gives up return to the organ around it. Returns both, updated copies,
     and the edge level of each refined lesion by number."""
     inst = instances.copy()
     labels = organ_labels.copy()
     edges: dict[int, LesionEdge] = {}
-    organ = (labels > 0) & (inst == 0)
     for number in np.unique(inst[inst > 0]).tolist():
+        old = inst == number
+        ch = np.bincount(labels[old].ravel()).argmax()
+        # the lesion's own organ: its background level, and where its outline may grow
+        organ = (labels == ch) & (inst == 0)
         refined = refine_lesion(image, inst, int(number), organ, spacing_mm, params)
         if refined is None or not refined[0].any():
             continue
         new, edges[int(number)] = refined
-        old = inst == number
-        ch = np.bincount(labels[old].ravel()).argmax()
         inst[old & ~new] = 0
         inst[new] = number
         labels[new] = ch
-        organ = (labels > 0) & (inst == 0)
     return inst, labels, edges
 
 

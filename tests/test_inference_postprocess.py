@@ -243,3 +243,18 @@ def test_refine_lesions_moves_voxels_between_lesion_and_organ_only() -> None:
     assert (new_inst == 1).sum() < coarse.sum()
     assert ((new_inst == 1) <= (new_labels == LIVER)).all()
     assert (new_labels == labels).all()  # the lesion stayed inside its organ
+
+
+def test_refine_never_grows_a_lesion_into_the_fat_beyond_its_organ() -> None:
+    image, sphere = _organ_with_lesion(-40.0)  # a 10 HU lesion in 50 HU liver
+    labels = np.full(image.shape, LIVER, dtype=np.uint8)
+    labels[:, :, 30:] = 0  # beyond the liver's edge: fat, darker than the lesion
+    image[:, :, 30:] = -100.0
+    # the network's outline, too wide but inside the liver (lesions are folded into it)
+    inst = (_grown(sphere, 2) & (labels == LIVER)).astype(np.int32)
+    new_inst, new_labels, edges = refine_lesions(
+        image, inst, labels, (2.5, 1.0, 1.0), LesionRefine()
+    )
+    assert set(edges) == {1}
+    assert not (new_inst[:, :, 30:] > 0).any()
+    assert (new_labels == labels).all()
