@@ -19,6 +19,9 @@ false positives are all unmatched predicted lesions, per case.
 ``lesion_measurement_10mm`` covers the matched lesions >= 10 mm: the model's long
 axis against the reference mask's (``detection.longest_axial_diameter_mm``; "within
 tolerance" is max(2 mm, 10 %), the report check's rule) and their Dice.
+``reported_long_axis_10mm`` compares the long axis the node reports for them
+(``models.measure``, sub-voxel where the bundle redraws lesion outlines) with the
+diameter the generator drew.
 
 Results on ``synthetic`` are numbers on synthetic data. ``real_ct`` and
 ``real_mr`` are the TotalSegmentator example cases in ``../shared/data``
@@ -47,6 +50,7 @@ from models.case import CaseTruth
 from models.evaluation.detection import match_lesions
 from models.evaluation.segmentation import dice
 from models.inference import segment
+from models.measure import measure_lesions
 from models.nifti import load_nifti_krc
 from models.synthetic.labels import LABEL_OF_ORGAN
 from models.vocab import Organ
@@ -80,6 +84,7 @@ def synthetic(dataset: Path, bundle_dir: Path | None) -> dict[str, Any]:
     axis_err: list[float] = []
     lesion_dice: list[float] = []
     axis_ref: list[float] = []
+    node_axis: list[tuple[float, float]] = []  # (reported long axis, generated diameter)
     cases = []
     for row in rows:
         image, affine = load_nifti_krc(dataset / row["image"])
@@ -87,7 +92,8 @@ def synthetic(dataset: Path, bundle_dir: Path | None) -> dict[str, Any]:
         lesions, _ = load_nifti_krc(dataset / row["lesions"])
         truth = CaseTruth.from_json(json.loads((dataset / row["truth"]).read_text()))
         t0 = time.perf_counter()
-        seg = segment(_volume(image, affine, row["modality"], row["case_id"]), bundle, network=net)
+        volume = _volume(image, affine, row["modality"], row["case_id"])
+        seg = segment(volume, bundle, network=net)
         seconds = time.perf_counter() - t0
         case: dict[str, Any] = {"case_id": row["case_id"], "modality": row["modality"], "dice": {}}
         for organ in ORGANS:
@@ -110,6 +116,24 @@ def synthetic(dataset: Path, bundle_dir: Path | None) -> dict[str, Any]:
                 axis_err.append(float(fig["diameter_error_mm"]))
                 axis_ref.append(float(fig["diameter_ref_mm"]))
                 lesion_dice.append(float(fig["dice"]))
+        # the long axis the node reports (models.measure, sub-voxel where the bundle
+        # redraws outlines) against the diameter the generator drew
+        generated = {les.number: les.diameter_mm for les in truth.lesions}
+        if det.matches:
+            reported = {
+                f.number: f.long_axis.length_mm
+                for f in measure_lesions(
+                    volume,
+                    seg.lesion_instances,
+                    {o: m for o, m in seg.organ_masks.items() if m.any()},
+                    modality=volume.modality,
+                    edges=seg.lesion_edges,
+                    sub_site_fn=None,
+                )
+            }
+            for m in det.matches:
+                if m.ref in big and m.pred in reported:
+                    node_axis.append((reported[m.pred], generated[m.ref]))
         n_ref10 += len(big)
         n_found10 += sum(1 for n in big if n in matched)
         fps.append(len(det.false_positives))
@@ -132,6 +156,7 @@ def synthetic(dataset: Path, bundle_dir: Path | None) -> dict[str, Any]:
         "lesions_10mm_found": n_found10,
         "fp_per_case": round(float(np.mean(fps)), 3),
         "lesion_measurement_10mm": _measurement(axis_err, axis_ref, lesion_dice),
+        "reported_long_axis_10mm": _reported(node_axis),
         "per_case": cases,
     }
 
@@ -151,6 +176,21 @@ def _measurement(
         "long_axis_error_mm_mean": round(float(np.mean(axis_err)), 2),
         "long_axis_abs_error_mm_median": round(float(np.median(np.abs(axis_err))), 2),
         "dice_mean": round(float(np.mean(lesion_dice)), 4),
+    }
+
+
+def _reported(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """Matched lesions >= 10 mm: the long axis the node reports against the diameter
+    the generator drew (within max(2 mm, 10 %) counts as right)."""
+    if not pairs:
+        return {"matched": 0}
+    got, drawn = (np.asarray(x) for x in zip(*pairs, strict=True))
+    err = got - drawn
+    return {
+        "matched": len(pairs),
+        "within_tolerance": int((np.abs(err) <= np.maximum(2.0, 0.1 * drawn)).sum()),
+        "error_mm_mean": round(float(err.mean()), 2),
+        "abs_error_mm_median": round(float(np.median(np.abs(err))), 2),
     }
 
 
