@@ -459,18 +459,28 @@ def refine_lesions(
     inst = instances.copy()
     labels = organ_labels.copy()
     edges: dict[int, LesionEdge] = {}
-    for number in np.unique(inst[inst > 0]).tolist():
-        old = inst == number
-        ch = np.bincount(labels[old].ravel()).argmax()
+    pad = params.grow_voxels + 4  # refine_lesion's own margin: the same box inside
+    for idx, found in enumerate(ndimage.find_objects(inst)):
+        if found is None:
+            continue
+        number = idx + 1
+        # each lesion is worked on in its box, never over the whole volume
+        box = tuple(
+            slice(max(s.start - pad, 0), min(s.stop + pad, n))
+            for s, n in zip(found, inst.shape, strict=True)
+        )
+        inst_b, labels_b = inst[box], labels[box]
+        old = inst_b == number
+        ch = np.bincount(labels_b[old].ravel()).argmax()
         # the lesion's own organ: its background level, and where its outline may grow
-        organ = (labels == ch) & (inst == 0)
-        refined = refine_lesion(image, inst, int(number), organ, spacing_mm, params)
+        organ = (labels_b == ch) & (inst_b == 0)
+        refined = refine_lesion(image[box], inst_b, number, organ, spacing_mm, params)
         if refined is None or not refined[0].any():
             continue
-        new, edges[int(number)] = refined
-        inst[old & ~new] = 0
-        inst[new] = number
-        labels[new] = ch
+        new, edges[number] = refined
+        inst_b[old & ~new] = 0
+        inst_b[new] = number
+        labels_b[new] = ch
     return inst, labels, edges
 
 
