@@ -160,37 +160,51 @@ class LesionRefine:
     of its voxels, the background's the median of a ring of organ voxels
     ``grow_voxels`` + 1 to ``grow_voxels`` + 3 voxels outside it; the new outline is
     where the image, smoothed by a Gaussian of ``smooth_voxels``, crosses halfway between
-    them, searched within ``grow_voxels`` of the network's outline. A lesion whose
+    them, searched within ``grow_voxels`` of the network's outline, keeping in each
+    slice only the pieces that overlap the network's outline there. A lesion whose
     contrast is below ``min_contrast`` times the ring's robust noise keeps its outline.
+    With ``split_mm``, touching lesions that one redrawn outline holds are split
+    afterwards (:func:`models.inference.split_refined_lesions`: distance-map maxima that
+    rise ``split_mm`` above their saddle); only pieces whose equivalent-sphere
+    diameter reaches ``split_min_mm`` become lesions of their own.
     """
 
     grow_voxels: int = 2
     smooth_voxels: float = 0.7
     min_contrast: float = 2.0
+    split_mm: float | None = None
+    split_min_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.grow_voxels, int) or not 1 <= self.grow_voxels <= 5:
             raise BundleError("postprocess lesion_refine.grow_voxels must be an integer 1-5")
-        for name in ("smooth_voxels", "min_contrast"):
+        for name in ("smooth_voxels", "min_contrast", "split_min_mm"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise BundleError(f"postprocess lesion_refine.{name} must be a number >= 0")
+        split = self.split_mm
+        if split is not None and not (isinstance(split, int | float) and split > 0):
+            raise BundleError("postprocess lesion_refine.split_mm must be a positive number of mm")
 
     @classmethod
     def from_json(cls, data: Any) -> LesionRefine:
         if not isinstance(data, Mapping):
             raise BundleError("postprocess lesion_refine must be a JSON object")
-        unknown = sorted(set(data) - {"grow_voxels", "smooth_voxels", "min_contrast"})
+        fields = {"grow_voxels", "smooth_voxels", "min_contrast", "split_mm", "split_min_mm"}
+        unknown = sorted(set(data) - fields)
         if unknown:
             raise BundleError(f"postprocess lesion_refine: unknown field(s) {', '.join(unknown)}")
         return cls(**dict(data))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "grow_voxels": self.grow_voxels,
             "smooth_voxels": self.smooth_voxels,
             "min_contrast": self.min_contrast,
         }
+        if self.split_mm is not None:
+            out.update(split_mm=self.split_mm, split_min_mm=self.split_min_mm)
+        return out
 
 
 @dataclass(frozen=True)

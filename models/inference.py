@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "hpb-node-inference/1"
 _STRUCT26 = np.ones((3, 3, 3), dtype=bool)
+_STRUCT8 = np.ones((3, 3), dtype=bool)
 
 
 class InferenceError(ValueError):
@@ -430,7 +431,16 @@ def refine_lesion(
         return None
     r = np.isin(comp, keep)
     for k in range(r.shape[0]):
-        r[k] = ndimage.binary_fill_holes(r[k])
+        if not r[k].any():
+            continue
+        # in each slice only the pieces that overlap the network's own outline there: a
+        # chain of darker partial-volume voxels along the organ's edge can join the core
+        # in 3-D and would otherwise add islands that lengthen the axial long axis
+        pieces, _ = ndimage.label(r[k], structure=_STRUCT8)
+        on = np.unique(pieces[mb[k] & r[k]])
+        r[k] = ndimage.binary_fill_holes(np.isin(pieces, on[on > 0]))
+    if not r.any():
+        return None
     out = np.zeros(m.shape, dtype=bool)
     out[box] = r
     # the edge level for measurement, from the redrawn outline (its own ring and core)
@@ -482,6 +492,45 @@ def refine_lesions(
         inst_b[new] = number
         labels_b[new] = ch
     return inst, labels, edges
+
+
+def split_refined_lesions(
+    instances: npt.NDArray[np.int32],
+    spacing_mm: Sequence[float],
+    split_mm: float,
+    min_diameter_mm: float,
+) -> tuple[npt.NDArray[np.int32], dict[int, int]]:
+    """Touching lesions that one outline still holds, split after refinement
+    (:class:`models.bundle.LesionRefine` ``split_mm``): each lesion is split by
+    :func:`split_lesion_component`; pieces whose equivalent-sphere diameter reaches
+    ``min_diameter_mm`` become lesions of their own (new numbers after the highest),
+    the largest keeps the number and smaller pieces stay with it. Returns the new
+    instances and, for each new number, the lesion it came from."""
+    out = instances.copy()
+    parent: dict[int, int] = {}
+    total = int(instances.max()) if instances.size else 0
+    voxel_mm3 = float(np.prod(spacing_mm))
+    for idx, box in enumerate(ndimage.find_objects(instances)):
+        if box is None:
+            continue
+        number = idx + 1
+        m = instances[box] == number
+        parts, k = split_lesion_component(m, spacing_mm, split_mm)
+        if k <= 1:
+            continue
+        sizes = np.bincount(parts[m], minlength=k + 1)
+        diameters = (6.0 * sizes * voxel_mm3 / np.pi) ** (1.0 / 3.0)
+        big = [j for j in range(1, k + 1) if diameters[j] >= min_diameter_mm]
+        if len(big) <= 1:
+            continue
+        largest = max(big, key=lambda j: int(sizes[j]))
+        for j in big:
+            if j == largest:
+                continue
+            total += 1
+            out[box][parts == j] = total
+            parent[total] = number
+    return out, parent
 
 
 def _bundle_axes(bundle: Bundle) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]] | None:
@@ -568,6 +617,15 @@ def segment_array(
         inst_canon, organ_canon, edges = refine_lesions(
             reo.apply(array), inst_canon, organ_canon, reo.spacing(affine), refine
         )
+        if refine.split_mm is not None:
+            inst_canon, parent = split_refined_lesions(
+                inst_canon, reo.spacing(affine), refine.split_mm, refine.split_min_mm
+            )
+            for new, old in parent.items():
+                lesion_organs[new] = lesion_organs[old]
+                lesion_conf[new] = lesion_conf[old]
+                if old in edges:
+                    edges[new] = edges[old]
     organ_src = reo.invert(organ_canon)
     inst_src = np.ascontiguousarray(reo.invert(inst_canon))
     masks = {

@@ -16,7 +16,13 @@ from scipy import ndimage
 
 from models.bundle import Bundle, BundleError, LesionRefine, PostProcess, load_bundle
 from models.evaluation.detection import longest_axial_diameter_mm
-from models.inference import labels_from_probs, postprocess, refine_lesion, refine_lesions
+from models.inference import (
+    labels_from_probs,
+    postprocess,
+    refine_lesion,
+    refine_lesions,
+    split_refined_lesions,
+)
 from models.vocab import Organ
 from tests.test_bundle import make_tiny_bundle
 
@@ -150,6 +156,10 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
     assert bundle.postprocess.lesion_split_mm == 3.0
     assert bundle.postprocess.lesion_refine == LesionRefine(3, 0.5, 2.5)
     assert bundle.postprocess.to_json() == post
+    post["lesion_refine"] = {**post["lesion_refine"], "split_mm": 1.5, "split_min_mm": 12.0}
+    bundle = load_bundle(_with_post(tmp_path / "3", post))
+    assert bundle.postprocess.lesion_refine == LesionRefine(3, 0.5, 2.5, 1.5, 12.0)
+    assert bundle.postprocess.to_json() == post
 
 
 @pytest.mark.parametrize(
@@ -166,6 +176,8 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
         ({"lesion_refine": {"grow_voxels": 9}}, "grow_voxels must be an integer 1-5"),
         ({"lesion_refine": {"smooth_voxels": -1}}, "smooth_voxels must be a number >= 0"),
         ({"lesion_refine": {"grow": 2}}, "lesion_refine: unknown field"),
+        ({"lesion_refine": {"split_mm": 0}}, "split_mm must be a positive number"),
+        ({"lesion_refine": {"split_min_mm": -1}}, "split_min_mm must be a number >= 0"),
         ({"lesion_refine": 2}, "lesion_refine must be a JSON object"),
         ([0.2], "must be a JSON object"),
     ],
@@ -258,3 +270,49 @@ def test_refine_never_grows_a_lesion_into_the_fat_beyond_its_organ() -> None:
     assert set(edges) == {1}
     assert not (new_inst[:, :, 30:] > 0).any()
     assert (new_labels == labels).all()
+
+
+def test_refine_adds_no_island_that_only_joins_the_lesion_through_another_slice() -> None:
+    """A dark voxel outside the lesion on one slice that touches the lesion only through
+    a dark voxel on the next slice (partial volume along an organ's edge) is not taken:
+    in each slice the outline keeps the pieces that overlap the network's outline."""
+    rng = np.random.default_rng(3)
+    k, r, c = np.ogrid[:16, :48, :48]
+    sphere = ((k - 8) * 2.5) ** 2 + (r - 24.0) ** 2 + (c - 24.0) ** 2 <= 8.0**2
+    image = np.where(sphere, 10.0, 50.0) + rng.normal(0.0, 2.0, sphere.shape)
+    assert sphere[8, 24, 32] and not sphere[8, 24, 33]  # slice 8 reaches column 32
+    assert sphere[9, 24, 31] and not sphere[9, 24, 32]  # slice 9 reaches column 31
+    image[8, 24, 33] = 10.0  # touches the lesion in slice 8
+    image[9, 24, 33] = 10.0  # touches the lesion only through (8, 24, 33)
+    inst = sphere.astype(np.int32)
+    params = LesionRefine(grow_voxels=2, smooth_voxels=0.0)
+    refined = refine_lesion(image.astype(np.float32), inst, 1, ~sphere, (2.5, 1.0, 1.0), params)
+    assert refined is not None
+    new = refined[0]
+    assert new[8, 24, 33]
+    assert not new[9, 24, 33]
+    assert (new & sphere).sum() >= 0.95 * sphere.sum()
+
+
+def test_split_refined_lesions_separates_touching_lesions_only() -> None:
+    k, r, c = np.ogrid[:20, :60, :60]
+    spacing = (2.5, 1.0, 1.0)
+
+    def ball(cr: float, cc: float, radius: float) -> np.ndarray:
+        out: np.ndarray = ((k - 10) * 2.5) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius**2
+        return out
+
+    inst = np.zeros((20, 60, 60), dtype=np.int32)
+    inst[ball(30, 18, 9) | ball(30, 34, 8)] = 1  # two touching lesions in one outline
+    inst[ball(8, 50, 5)] = 2  # a lesion on its own
+    out, parent = split_refined_lesions(inst, spacing, 1.5, 12.0)
+    assert parent == {3: 1}
+    assert set(np.unique(out)) == {0, 1, 2, 3}
+    assert ((out > 0) == (inst > 0)).all()  # no voxel gained or lost
+    assert (out == 1)[10, 30, 18] and (out == 3)[10, 30, 34]  # the larger keeps its number
+    assert ((out == 2) == (inst == 2)).all()
+    # a bump under the minimum diameter stays with its lesion
+    bump = np.zeros_like(inst)
+    bump[ball(30, 24, 9) | ball(30, 35, 3.5)] = 1
+    out, parent = split_refined_lesions(bump, spacing, 1.5, 12.0)
+    assert parent == {} and (out == bump).all()
