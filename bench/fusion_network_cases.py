@@ -14,7 +14,10 @@ appended to and cases already in it are skipped, so a run can be resumed.
 ``bench/report_quality.py --network-cases FILE`` read it: image features (and
 report findings) then come from the network, not from ground truth plus noise.
 The demo weights (0.3.x) were trained on generator seeds 0-239; seeds from 700000 on
-were never used for training.
+were never used to train them. Seeds 700000-700319 are the fusion ablation's and the
+report bench's test cases; seeds 710000-710399
+(``--out bench/results/fusion_train_network_cases.jsonl``) train the fusion heads
+(``bench/fusion_ablation.py --network-train``).
 """
 
 from __future__ import annotations

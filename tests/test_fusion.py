@@ -88,10 +88,13 @@ def test_history_concepts_with_negation() -> None:
 def test_shipped_weights_load_and_predict(model: FusionModel) -> None:
     assert DEFAULT_WEIGHTS.stat().st_size < 300_000  # small enough to live in the repository
     assert set(model.diseases) == set(Disease)
-    assert (
-        "ground-truth" in model.meta["data"]
-        and "not from the segmentation network" in model.meta["data"]
-    )
+    # the training data is named: simulated measurements, and the network whose
+    # findings the heads were also fitted on (bench/fusion_ablation.py --network-train)
+    assert "ground-truth" in model.meta["data"]
+    assert model.meta["network_features_from"]
+    for name in model.meta["network_features_from"]:
+        assert name.startswith("hpb_demo ") and name in model.meta["data"]
+        assert "segmentation network's findings" in model.meta["data"]
     f = measured_findings(truth(()), np.random.default_rng(1))
     probs = model.predict(f, context_from_labs({}))
     assert all(0.0 <= p <= 1.0 for p in probs.values())
