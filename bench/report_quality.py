@@ -15,7 +15,7 @@ of the generated report. Unsupported sentences are counted by
 / reference reports from ``synthesize_clinical``) are reported from findings
 of different origin, so that each miss can be put down to its stage:
 
-* ``simulated_measurement`` (the headline numbers): ground-truth lesions and
+* ``simulated_measurement`` (the headline numbers without ``--network-cases``): ground-truth lesions and
   organ measurements plus measurement noise and simulated detection misses
   (``measured_findings``): a stand-in for the segmentation network, **not its
   output**; diagnoses from the shipped fusion weights.
@@ -25,9 +25,10 @@ of different origin, so that each miss can be put down to its stage:
 * ``reference_findings_and_diagnoses``: the truth and the true diagnoses
   (probability 1). Misses here are the report generator's own: the upper bound
   of the report generator alone.
-* ``network`` (with ``--network-cases``): the segmentation network's findings
-  on generator cases (``bench/fusion_network_cases.py``; other case truths,
-  first ``--cases`` records).
+* ``network`` (with ``--network-cases``; then the headline numbers, since it is
+  what the node writes): the segmentation network's findings on generator cases
+  (``bench/fusion_network_cases.py``; other case truths, first ``--cases``
+  records).
 
 Every missed reference item is put down to a cause: a lesion size to
 ``detection`` (the lesion was not found), ``measurement`` (found, measured
@@ -257,11 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         by_source["network"] = evaluate(network())
     for name, res in by_source.items():
         res["data"] = SOURCES[name]
-    head = by_source["simulated_measurement"]
+    # the headline is what the node itself writes: the network's findings where given
+    head_name = "network" if "network" in by_source else "simulated_measurement"
+    head = by_source[head_name]
     result = {
         "cases": head["cases"],
         "data": "synthetic cases (models.synthetic_clinical); headline numbers: "
-        + SOURCES["simulated_measurement"],
+        + SOURCES[head_name],
+        "headline_findings_source": head_name,
         "completeness": head["completeness"],
         "completeness_definition": "models.evaluation.text.compare_findings: reference disease "
         "mentions (asserted; 'possible' is uncertain, not asserted) and lesion sizes (matched "
