@@ -146,6 +146,7 @@ def with_network_training(
     path: Path,
     weight: int,
     test_path: Path | None,
+    calibration_cases: int,
 ) -> tuple[np.ndarray, dict[Disease, np.ndarray], dict[str, Any], str]:
     """The simulated training set plus the network records of ``path``, each repeated
     ``weight`` times; refuses records whose seeds are also test records."""
@@ -171,7 +172,7 @@ def with_network_training(
         **meta,
         "trained_on": f"{len(x)} synthetic cases with simulated measurements and {len(xn)} "
         f"generator cases with the segmentation network's measurements (x{weight}) "
-        f"(+{meta['trained_on'].split('(+', 1)[1]}",
+        f"(+{calibration_cases} for calibration)",
         "data": note,
         "network_features_from": models,
     }
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     train_note = DATA_NOTE
     if args.network_train is not None:
         x, y, meta, train_note = with_network_training(
-            x, y, meta, args.network_train, args.network_weight, args.network_cases
+            x, y, meta, args.network_train, args.network_weight, args.network_cases, args.cal
         )
     model = FusionModel.train(x, y, xc, yc, meta)
     heads_from = str(meta["trained_on"])
