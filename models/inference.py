@@ -505,8 +505,10 @@ def split_refined_lesions(
     :func:`split_lesion_component`; pieces whose equivalent-sphere diameter reaches
     ``min_diameter_mm`` become lesions of their own (new numbers after the highest),
     the largest keeps the number and smaller pieces stay with it. Returns the new
-    instances and, for each new number, the lesion it came from."""
-    out = instances.copy()
+    instances and, for each new number, the lesion it came from. Where nothing is
+    split, ``instances`` itself comes back (a copy of a whole 600-slice volume costs
+    over 600 MB); it is never changed."""
+    out = instances
     parent: dict[int, int] = {}
     total = int(instances.max()) if instances.size else 0
     voxel_mm3 = float(np.prod(spacing_mm))
@@ -524,6 +526,8 @@ def split_refined_lesions(
         if len(big) <= 1:
             continue
         largest = max(big, key=lambda j: int(sizes[j]))
+        if out is instances:
+            out = instances.copy()
         for j in big:
             if j == largest:
                 continue
