@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -340,17 +340,26 @@ def postprocess(
     return out, instances, organs, conf
 
 
+def _split_each(
+    labels: npt.NDArray[np.int32], spacing_mm: Sequence[float], h_mm: float
+) -> Iterator[tuple[int, tuple[slice, ...], npt.NDArray[np.bool_], npt.NDArray[np.int32], int]]:
+    """For each label of ``labels`` in order: its number, box, mask in the box and its
+    split (:func:`split_lesion_component`: parts and their count)."""
+    for idx, box in enumerate(ndimage.find_objects(labels)):
+        if box is None:
+            continue
+        m = labels[box] == idx + 1
+        parts, k = split_lesion_component(m, spacing_mm, h_mm)
+        yield idx + 1, box, m, parts, k
+
+
 def _split_components(
     comp: npt.NDArray[np.int32], n: int, spacing_mm: Sequence[float], h_mm: float
 ) -> tuple[npt.NDArray[np.int32], int]:
     """Relabel lesion components with touching lesions split (:func:`split_lesion_component`)."""
     out = np.zeros_like(comp)
     total = 0
-    for idx, box in enumerate(ndimage.find_objects(comp)):
-        if box is None:
-            continue
-        m = comp[box] == idx + 1
-        parts, k = split_lesion_component(m, spacing_mm, h_mm)
+    for _, box, m, parts, k in _split_each(comp, spacing_mm, h_mm):
         out[box][m] = parts[m] + total
         total += k
     return out, total
@@ -512,12 +521,7 @@ def split_refined_lesions(
     parent: dict[int, int] = {}
     total = int(instances.max()) if instances.size else 0
     voxel_mm3 = float(np.prod(spacing_mm))
-    for idx, box in enumerate(ndimage.find_objects(instances)):
-        if box is None:
-            continue
-        number = idx + 1
-        m = instances[box] == number
-        parts, k = split_lesion_component(m, spacing_mm, split_mm)
+    for number, box, m, parts, k in _split_each(instances, spacing_mm, split_mm):
         if k <= 1:
             continue
         sizes = np.bincount(parts[m], minlength=k + 1)
@@ -618,12 +622,13 @@ def segment_array(
     refine = bundle.postprocess.lesion_refine
     edges: dict[int, LesionEdge] = {}
     if refine is not None and inst_canon.any():
+        canon_spacing = reo.spacing(affine)
         inst_canon, organ_canon, edges = refine_lesions(
-            reo.apply(array), inst_canon, organ_canon, reo.spacing(affine), refine
+            reo.apply(array), inst_canon, organ_canon, canon_spacing, refine
         )
         if refine.split_mm is not None:
             inst_canon, parent = split_refined_lesions(
-                inst_canon, reo.spacing(affine), refine.split_mm, refine.split_min_mm
+                inst_canon, canon_spacing, refine.split_mm, refine.split_min_mm
             )
             for new, old in parent.items():
                 lesion_organs[new] = lesion_organs[old]
