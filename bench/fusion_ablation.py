@@ -116,17 +116,17 @@ def generator_dataset(n: int, first_seed: int) -> tuple[np.ndarray, dict[Disease
 
 
 def network_dataset(
-    path: Path,
+    records: list[dict[str, Any]],
 ) -> tuple[np.ndarray, np.ndarray, dict[Disease, np.ndarray], list[int]]:
-    """Features of the network records in ``path`` (bench/fusion_network_cases.py):
+    """Features of network records (bench/fusion_network_cases.py's ``load_cases``):
     image features from the network's findings, and, for the same case truths,
     from ``measured_findings`` (ground truth + noise) for a paired comparison."""
-    from fusion_network_cases import findings_from_record, load_cases
+    from fusion_network_cases import findings_from_record
 
     from models.case import CaseTruth
 
     xs, xsim, ys, seeds = [], [], [], []
-    for rec in load_cases(path):
+    for rec in records:
         truth = CaseTruth.from_json(rec["truth"])
         clin = synthesize_clinical(truth)
         ctx = context_from_labs(clin.labs, history=clin.history, age=truth.age, sex=truth.sex)
@@ -145,7 +145,7 @@ def with_network_training(
     meta: dict[str, Any],
     path: Path,
     weight: int,
-    test_path: Path | None,
+    test_records: list[dict[str, Any]] | None,
     calibration_cases: int,
 ) -> tuple[np.ndarray, dict[Disease, np.ndarray], dict[str, Any], str]:
     """The simulated training set plus the network records of ``path``, each repeated
@@ -154,15 +154,15 @@ def with_network_training(
 
     if weight < 1:
         raise SystemExit("--network-weight must be at least 1")
-    xn, _, yn, seeds = network_dataset(path)
-    if test_path is not None:
-        test_seeds = {int(r["seed"]) for r in load_cases(test_path)}
-        shared = test_seeds & set(seeds)
+    records = load_cases(path)
+    if test_records is not None:
+        shared = {int(r["seed"]) for r in test_records} & {int(r["seed"]) for r in records}
         if shared:
             raise SystemExit(
-                f"{path} and {test_path} share {len(shared)} seeds: train on other seeds"
+                f"{path} and the test records share {len(shared)} seeds: train on other seeds"
             )
-    models = sorted({str(r["model"]) for r in load_cases(path)})
+    xn, _, yn, seeds = network_dataset(records)
+    models = sorted({str(r["model"]) for r in records})
     note = (
         f"{DATA_NOTE}; plus {len(xn)} generator cases (seeds {min(seeds)}-{max(seeds)}) with "
         f"image features from the segmentation network's findings ({', '.join(models)}), "
@@ -293,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         "data": DATA_NOTE,
         "classifier": "per-disease L2 logistic regression + Platt calibration",
     }
+    test_records = None
+    if args.network_cases is not None:
+        from fusion_network_cases import load_cases
+
+        test_records = load_cases(args.network_cases)
     train_note = DATA_NOTE
     if args.network_train is not None:
         x, y, meta, train_note = with_network_training(
-            x, y, meta, args.network_train, args.network_weight, args.network_cases, args.cal
+            x, y, meta, args.network_train, args.network_weight, test_records, args.cal
         )
     model = FusionModel.train(x, y, xc, yc, meta)
     heads_from = str(meta["trained_on"])
@@ -323,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         **_means(sim_rows),
         "simulated_measurement": simulated,
     }
-    if args.network_cases is not None:
-        xn, xsim, yn, seeds = network_dataset(args.network_cases)
+    if test_records is not None:
+        xn, xsim, yn, seeds = network_dataset(test_records)
         shipped = _rows(yn, {v: model.predict_matrix(xn, v) for v in variants})
         same_truths = _rows(yn, {v: model.predict_matrix(xsim, v) for v in variants})
         cv = _rows(yn, cross_validated(xn, yn))
