@@ -139,28 +139,31 @@ def network_dataset(
     return np.asarray(xs), np.asarray(xsim), {d: y[:, i] for i, d in enumerate(Disease)}, seeds
 
 
+def refuse_shared_seeds(
+    records: list[dict[str, Any]], test_records: list[dict[str, Any]] | None, path: Path
+) -> None:
+    """Stop when training records of ``path`` share a seed with the test records."""
+    if test_records is None:
+        return
+    shared = {int(r["seed"]) for r in test_records} & {int(r["seed"]) for r in records}
+    if shared:
+        raise SystemExit(
+            f"{path} and the test records share {len(shared)} seeds: train on other seeds"
+        )
+
+
 def with_network_training(
     x: np.ndarray,
     y: dict[Disease, np.ndarray],
     meta: dict[str, Any],
-    path: Path,
+    records: list[dict[str, Any]],
     weight: int,
-    test_records: list[dict[str, Any]] | None,
     calibration_cases: int,
 ) -> tuple[np.ndarray, dict[Disease, np.ndarray], dict[str, Any], str]:
-    """The simulated training set plus the network records of ``path``, each repeated
-    ``weight`` times; refuses records whose seeds are also test records."""
-    from fusion_network_cases import load_cases
-
+    """The simulated training set plus the network ``records`` (of seeds that are not
+    test records: see :func:`refuse_shared_seeds`), each repeated ``weight`` times."""
     if weight < 1:
         raise SystemExit("--network-weight must be at least 1")
-    records = load_cases(path)
-    if test_records is not None:
-        shared = {int(r["seed"]) for r in test_records} & {int(r["seed"]) for r in records}
-        if shared:
-            raise SystemExit(
-                f"{path} and the test records share {len(shared)} seeds: train on other seeds"
-            )
     xn, _, yn, seeds = network_dataset(records)
     models = sorted({str(r["model"]) for r in records})
     note = (
@@ -282,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--network-weight", type=int, default=3)
     args = ap.parse_args(argv)
+    from fusion_network_cases import load_cases
+
+    test_records = None if args.network_cases is None else load_cases(args.network_cases)
+    train_records = None if args.network_train is None else load_cases(args.network_train)
+    if train_records is not None:  # before any work is done
+        refuse_shared_seeds(train_records, test_records, args.network_train)
 
     t0 = time.perf_counter()
     x, y = dataset(range(0, args.train))
@@ -293,15 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         "data": DATA_NOTE,
         "classifier": "per-disease L2 logistic regression + Platt calibration",
     }
-    test_records = None
-    if args.network_cases is not None:
-        from fusion_network_cases import load_cases
-
-        test_records = load_cases(args.network_cases)
     train_note = DATA_NOTE
-    if args.network_train is not None:
+    if train_records is not None:
         x, y, meta, train_note = with_network_training(
-            x, y, meta, args.network_train, args.network_weight, test_records, args.cal
+            x, y, meta, train_records, args.network_weight, args.cal
         )
     model = FusionModel.train(x, y, xc, yc, meta)
     heads_from = str(meta["trained_on"])

@@ -190,3 +190,31 @@ def test_ablation_results_are_complete_and_honest() -> None:
         assert listed == set(section["fused_not_better_than_image"])
     for name, row in sim["diseases"].items():
         assert row["fused_ece"] < 0.1, name
+
+
+def test_ablation_refuses_network_training_records_that_share_test_seeds(tmp_path: Path) -> None:
+    """bench/fusion_ablation.py stops, before any work, when --network-train holds a seed
+    of --network-cases; the shipped results file is not touched."""
+    import subprocess
+    import sys
+
+    rows = [
+        json.loads(line)
+        for line in (ROOT / "bench" / "results" / "fusion_network_cases.jsonl")
+        .read_text()
+        .splitlines()[:3]
+    ]
+    test_file, train_file = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_file.write_text(json.dumps(rows[1]) + "\n")
+    out = tmp_path / "ablation.json"
+    args = ["--network-cases", str(test_file), "--network-train", str(train_file)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fusion_ablation.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "share 1 seeds" in proc.stderr
+    assert not out.exists()
