@@ -18,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -34,12 +36,31 @@ def _weights(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _member_weights(path: Path, index: int, workdir: Path) -> Path:
+    """Write member ``index`` of an ensemble's weights to ``workdir`` as a plain state dict."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    prefix = f"members.{index}."
+    member = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not member:
+        raise SystemExit(f"{path}: no weights under {prefix}* (not an ensemble with that member)")
+    out = workdir / f"init_member{index}.pt"
+    torch.save(member, out)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--init", type=Path, default=DEMO_BUNDLE / "models" / "model.pt")
+    ap.add_argument(
+        "--init-member",
+        type=int,
+        default=None,
+        metavar="I",
+        help="start from member I of an ensemble's weights in --init (keys members.I.*)",
+    )
     ap.add_argument("--minutes", type=float, default=50.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -101,6 +122,9 @@ def main() -> int:
         rows.append({**row, "weight": 8.0})
     manifest = args.workdir / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    init = args.init
+    if args.init_member is not None:
+        init = _member_weights(args.init, args.init_member, args.workdir)
     config = TrainConfig(
         manifests=[manifest],
         workdir=args.workdir,
@@ -115,7 +139,7 @@ def main() -> int:
         val_every=10_000,
         threads=args.threads,
         seed=args.seed,
-        init_weights=args.init,
+        init_weights=init,
         sampling_weights={"lesion": 6.0, **_weights(args.sampling)},
         loss_weights={"lesion": 3.0, **_weights(args.loss)},
         batch_dice=True,

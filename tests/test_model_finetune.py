@@ -71,3 +71,26 @@ def test_init_weights_of_another_network_are_refused(
     config = replace(_config(manifest, tmp_path / "run", epochs=1), init_weights=init)
     with pytest.raises(TrainError, match="init-weights"):
         train(config)
+
+
+def test_finetune_script_starts_from_one_ensemble_member(tmp_path: Path) -> None:
+    """scripts/finetune_hpb_demo.py --init-member I: member I's weights, unprefixed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "finetune_hpb_demo.py"
+    spec = importlib.util.spec_from_file_location("finetune_hpb_demo", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(3)
+    a, b = build_network(tiny_network_def()), build_network(tiny_network_def())
+    state = {f"members.0.{k}": v for k, v in a.state_dict().items()}
+    state.update({f"members.1.{k}": v for k, v in b.state_dict().items()})
+    torch.save(state, tmp_path / "model.pt")
+    out = script._member_weights(tmp_path / "model.pt", 1, tmp_path)
+    got = torch.load(out, weights_only=True)
+    assert set(got) == set(b.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in b.state_dict().items())
+    assert not all(torch.equal(got[k], v) for k, v in a.state_dict().items())
+    with pytest.raises(SystemExit, match=r"members\.2\."):
+        script._member_weights(tmp_path / "model.pt", 2, tmp_path)
