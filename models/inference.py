@@ -58,6 +58,7 @@ from models.findings import (
     ReportSentence,
 )
 from models.measure import LesionEdge, measure_lesions, measure_organ
+from models.phase import estimate_phase
 from models.vocab import ContrastPhase, Organ
 from models.volume import Volume
 
@@ -721,16 +722,20 @@ def findings_from_segmentation(
         confidences=seg.lesion_confidence,
         edges=seg.lesion_edges,
     )
+    phase = estimate_phase(
+        volume.modality, volume.headers, {f.organ: f.mean_intensity for f in organs}
+    )
     notes = (
         "model output; not for clinical use",
         f"lesions below {bundle.min_lesion_ml} ml are not reported",
+        phase.reason,
     )
     return Findings(
         organs=tuple(organs),
         lesions=lesions,
         diagnoses=(),
         report=(),
-        provenance=provenance(volume, bundle, clinical, notes=notes),
+        provenance=provenance(volume, bundle, clinical, phase=phase.phase, notes=notes),
     )
 
 

@@ -8,6 +8,7 @@ error in the pipeline shows up as a wrong mask.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from models.inference import (
     with_interpretation,
 )
 from models.network import DEFAULT_LABELS
-from models.vocab import Disease, Organ
+from models.vocab import ContrastPhase, Disease, Organ
 from models.volume import Volume
 from tests.test_bundle import make_tiny_bundle
 
@@ -171,6 +172,18 @@ def test_analyse_findings_and_provenance(tiny: Bundle) -> None:
     p = f.provenance
     assert p.model_name == "hpb_tiny_test" and p.weights_sha256 == tiny.weights_sha256
     assert p.input_sop_uids == vol.sop_instance_uids
+    # no description and no vein or spleen in the phantom: the phase is unknown, and why
+    assert p.contrast_phase is ContrastPhase.UNKNOWN
+    assert any(n.startswith("contrast phase unknown") for n in p.notes)
+    named = analyse(
+        replace(vol, headers={"SeriesDescription": "Arterial 2mm"}),
+        tiny,
+        network=FakeIntensityNetwork(),
+    )
+    assert named.provenance.contrast_phase is ContrastPhase.ARTERIAL
+    assert (
+        "contrast phase arterial: from SeriesDescription 'Arterial 2mm'" in named.provenance.notes
+    )
     g = with_interpretation(f, [Diagnosis(Disease.HCC, 0.3, (lesion.id,))])
     assert g.diagnoses[0].disease == Disease.HCC and g.lesions == f.lesions
 
