@@ -5,9 +5,11 @@
         [--postprocess '{"lesion_seed_threshold": 0.6}']
 
 Every member must have the base bundle's network definition (a
-``models.train`` checkpoint, or a bundle's ``models/model.pt``). The output is
-a copy of the base bundle whose ``network_def`` is ``hpb.MeanEnsemble`` of the
-members (the base's weights first), whose one weights file holds all members
+``models.train`` checkpoint, or a bundle's ``models/model.pt``). The base may
+itself be an ensemble: its members come first (``--keep-base-members 0`` keeps
+only member 0; default all), and every member must have their definition. The
+output is a copy of the base bundle whose ``network_def`` is
+``hpb.MeanEnsemble`` of the members (the base's weights first), whose one weights file holds all members
 (``members.<i>.<key>``), with the weights hash, version and, if given, the
 declared post-processing updated. The model card (docs/README.md) and the
 metadata's training notes are the caller's to update.
@@ -40,6 +42,22 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _base_members(
+    network_def: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
+    """The base's member definition and its members' weights (itself, if not an ensemble)."""
+    if network_def.get("_target_") != ENSEMBLE_TARGET:
+        return network_def, [state]
+    defs = network_def["members"]
+    if any(d != defs[0] for d in defs):
+        raise SystemExit("the base ensemble's members have different definitions")
+    members = [
+        {k[len(f"members.{i}.") :]: v for k, v in state.items() if k.startswith(f"members.{i}.")}
+        for i in range(len(defs))
+    ]
+    return dict(defs[0]), members
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, required=True)
@@ -47,18 +65,28 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--version", required=True)
     ap.add_argument("--postprocess", default=None, help="JSON object merged into the declared one")
+    ap.add_argument(
+        "--keep-base-members",
+        default=None,
+        metavar="I,J",
+        help="with an ensemble base: which of its members to keep (default all)",
+    )
     args = ap.parse_args()
     base = load_bundle(args.base)
-    if base.network_def.get("_target_") == ENSEMBLE_TARGET:
-        raise SystemExit(f"{args.base} is already an ensemble")
-    states = [_state(base.weights_path)] + [_state(p) for p in args.member]
+    member_def, base_states = _base_members(base.network_def, _state(base.weights_path))
+    if args.keep_base_members is not None:
+        keep = [int(i) for i in args.keep_base_members.split(",")]
+        if any(not 0 <= i < len(base_states) for i in keep):
+            raise SystemExit(f"--keep-base-members {keep}: the base has {len(base_states)}")
+        base_states = [base_states[i] for i in keep]
+    states = base_states + [_state(p) for p in args.member]
     merged = {f"members.{i}.{k}": v for i, s in enumerate(states) for k, v in s.items()}
     if args.out.exists():
         shutil.rmtree(args.out)
     shutil.copytree(args.base, args.out)
     infer_path = args.out / "configs" / "inference.json"
     infer = json.loads(infer_path.read_text())
-    infer["network_def"] = ensemble_network_def([base.network_def] * len(states))
+    infer["network_def"] = ensemble_network_def([member_def] * len(states))
     infer_path.write_text(json.dumps(infer, indent=2) + "\n")
     weights = args.out / "models" / "model.pt"
     torch.save(merged, weights)

@@ -209,6 +209,36 @@ def test_ensemble_bundle_averages_member_probabilities(tmp_path: Path) -> None:
         load_bundle(root)
 
 
+def test_ensemble_script_keeps_chosen_members_of_an_ensemble_base(tmp_path: Path) -> None:
+    """scripts/ensemble_bundle.py: an ensemble base's member 1 plus a new member."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(2)
+    a, b, c = (build_network(tiny_network_def()) for _ in range(3))
+    net_def = ensemble_network_def([tiny_network_def(), tiny_network_def()])
+    state = {f"members.0.{k}": v for k, v in a.state_dict().items()}
+    state.update({f"members.1.{k}": v for k, v in b.state_dict().items()})
+    base = make_tiny_bundle(tmp_path / "base", network_def=net_def, state_dict=state)
+    torch.save({"model": c.state_dict()}, tmp_path / "last.pt")  # a models.train checkpoint
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ensemble_bundle.py"
+    out = tmp_path / "out"
+    args = ["--base", str(base), "--member", str(tmp_path / "last.pt"), "--out", str(out)]
+    run = [sys.executable, str(script), *args, "--version", "9.9.9", "--keep-base-members", "1"]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(out)
+    assert bundle.version == "9.9.9" and len(bundle.network_def["members"]) == 2
+    got = torch.load(bundle.weights_path, weights_only=True)
+    for i, want in enumerate((b, c)):
+        for k, v in want.state_dict().items():
+            assert torch.equal(got[f"members.{i}.{k}"], v), (i, k)
+    proc = subprocess.run(
+        [*run[:-1], "5"], capture_output=True, text=True, timeout=300
+    )  # no member 5
+    assert proc.returncode != 0 and "the base has 2" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("members", "message"),
     [
