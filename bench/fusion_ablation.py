@@ -70,7 +70,8 @@ FEATURES_NOTE = (
 NETWORK_NOTE = (
     "synthetic generator cases (models.synthetic.generate_case, CT); image features from the "
     "segmentation network's findings (models.inference.analyse, shipped demo bundle; contrast "
-    "phase unknown, as the node's inference sets it; no organ qualities such as duct calibre or "
+    "phase as the node's inference sets it: models.phase's estimate from the vein and spleen "
+    "attenuation, these cases having no series description; no organ qualities such as duct calibre or "
     "contour nodularity, which the network does not measure: they take their neutral defaults); "
     "labs and history synthesised from the case truth"
 )

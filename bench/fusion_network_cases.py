@@ -105,18 +105,19 @@ def load_cases(path: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: int(r["seed"]))
 
 
-def findings_from_record(rec: dict[str, Any], *, truth_phase: bool = False) -> Any:
+def findings_from_record(rec: dict[str, Any]) -> Any:
     """The network's findings of one record (masks are 1x1x1 placeholders).
 
-    The contrast phase is what ``models.inference.analyse`` sets (unknown: the
-    node does not read it from the headers) unless ``truth_phase``.
+    The contrast phase is what ``models.inference.analyse`` sets for these cases,
+    whose volumes carry no series description: ``models.phase``'s estimate from the
+    measured portal/splenic vein and spleen attenuation (records written before
+    that estimate existed are thereby read the way the node reads them now).
     """
-    from models.case import CaseTruth
     from models.findings import Axis, Findings, LesionFinding, OrganFinding, Provenance
-    from models.vocab import ContrastPhase, LesionKind, Organ, SubSite
+    from models.phase import estimate_phase
+    from models.vocab import LesionKind, Organ, SubSite
 
     tiny = np.zeros((1, 1, 1), dtype=bool)
-    truth = CaseTruth.from_json(rec["truth"])
     organs = tuple(
         OrganFinding(
             Organ(o["organ"]),
@@ -146,6 +147,7 @@ def findings_from_record(rec: dict[str, Any], *, truth_phase: bool = False) -> A
         )
         for les in rec["lesions"]
     )
+    phase = estimate_phase("CT", {}, {o.organ: o.mean_intensity for o in organs})
     prov = Provenance(
         model_name=str(rec["model"]),
         model_version="",
@@ -153,8 +155,11 @@ def findings_from_record(rec: dict[str, Any], *, truth_phase: bool = False) -> A
         pipeline_version="bench",
         input_series_uid=f"2.25.{rec['seed']}",
         input_sop_uids=(),
-        contrast_phase=truth.phase if truth_phase else ContrastPhase.UNKNOWN,
-        notes=("image features from the segmentation network (models.inference.analyse)",),
+        contrast_phase=phase.phase,
+        notes=(
+            "image features from the segmentation network (models.inference.analyse)",
+            phase.reason,
+        ),
     )
     extra: dict[str, Any] = {"modality": "CT"}
     if all("truth_lesion" in les for les in rec["lesions"]):  # records from 2026-11-29 on
