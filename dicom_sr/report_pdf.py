@@ -100,7 +100,13 @@ def render_pdf(
     c.drawString(
         18 * mm, y, f"Algorithm: {p.model_name} {p.model_version}; pipeline {p.pipeline_version}"
     )
-    y -= 8 * mm
+    y -= 5 * mm
+    phase = next((n for n in p.notes if n.startswith("contrast phase")), "contrast phase unknown")
+    series = str(getattr(source, "SeriesDescription", "") or "").strip()
+    for line in _wrap(f"Series: {series or '(no description)'}; {phase}", 110):
+        c.drawString(18 * mm, y, line)
+        y -= 4.2 * mm
+    y -= 3.8 * mm
     if thumbnail is not None:
         img = Image.fromarray(thumbnail)
         side = 60 * mm

@@ -339,6 +339,35 @@ def test_pdf_is_one_page_with_thumbnail_and_marking(case: Case) -> None:
     assert all(MARK not in str(ds.SeriesDescription) for _, ds in unmarked)
 
 
+def _pdf_text(pdf: bytes) -> str:
+    """The page content of a ReportLab PDF (ASCII85 + Flate streams), decoded."""
+    import base64
+    import re
+    import zlib
+
+    out = []
+    for raw in re.findall(rb"stream\r?\n(.*?)endstream", pdf, re.S):
+        try:
+            out.append(zlib.decompress(base64.a85decode(raw.strip(), adobe=True)).decode("latin-1"))
+        except ValueError:
+            continue  # an image stream
+    return "\n".join(out)
+
+
+def test_pdf_states_the_series_and_its_contrast_phase(case: Case) -> None:
+    from dicom_sr.report_pdf import render_pdf
+
+    f = case.findings
+    src = case.sources[0]
+    options = OutputOptions(pipeline_version="0.1.0-test")
+    text = _pdf_text(render_pdf(f, src, options))
+    assert f"Series: {src.SeriesDescription}; contrast phase unknown" in text
+    note = "contrast phase arterial: estimated from portal/splenic vein 95 HU, spleen 110 HU"
+    named = dataclasses.replace(f, provenance=dataclasses.replace(f.provenance, notes=(note,)))
+    text = _pdf_text(render_pdf(named, src, options))
+    assert "contrast phase arterial: estimated from portal/splenic vein 95 HU" in text
+
+
 def test_findings_without_voxels_still_give_a_pdf(case: Case) -> None:
     f = case.findings
     empty: Any = dataclasses.replace(
