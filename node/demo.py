@@ -475,6 +475,8 @@ def run_demo(args: argparse.Namespace) -> int:
             say("      diagnosis probabilities:")
             for name, p in diagnoses:
                 say(f"        {name:<32} {p:5.2f}")
+        if summary.get("contrast_phase"):
+            say(f"      contrast phase: {summary['contrast_phase']}")
         lesions = summary.get("lesions", [])
         say(f"      lesions: {summary.get('lesion_count', len(lesions))}")
         for les in lesions:

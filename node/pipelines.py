@@ -128,6 +128,7 @@ def _summary(findings: Any) -> dict[str, Any]:
         "lesion_count": len(findings.lesions),
         "organs": {str(o.organ.value): round(float(o.volume_ml), 1) for o in findings.organs},
         "report": [str(s.text) for s in findings.report][:200],
+        "contrast_phase": str(findings.provenance.contrast_phase.value),
     }
 
 

@@ -99,3 +99,5 @@ def test_product_pipeline_passes_modality_and_headers(tmp_path: Path) -> None:
     report = " ".join(result.summary["report"])
     assert "mean signal" in report
     assert " HU" not in report
+    # the phase the synthetic series description names reaches the job summary
+    assert result.summary["contrast_phase"] == case.truth.phase.value
