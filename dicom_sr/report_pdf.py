@@ -101,9 +101,8 @@ def render_pdf(
         18 * mm, y, f"Algorithm: {p.model_name} {p.model_version}; pipeline {p.pipeline_version}"
     )
     y -= 5 * mm
-    phase = next((n for n in p.notes if n.startswith("contrast phase")), "contrast phase unknown")
     series = str(getattr(source, "SeriesDescription", "") or "").strip()
-    for line in _wrap(f"Series: {series or '(no description)'}; {phase}", 110):
+    for line in _wrap(f"Series: {series or '(no description)'}; {p.phase_statement}", 110):
         c.drawString(18 * mm, y, line)
         y -= 4.2 * mm
     y -= 3.8 * mm

@@ -18,7 +18,8 @@ Content (see docs/dicom-outputs.md for the tree and why it is ordered so):
 
 * a "Qualitative Evaluations" container: one CODE "Diagnosis = disease" per
   diagnosis with its probability (NUM, HAS PROPERTIES) and the algorithm
-  (HAS CONCEPT MOD), then the findings and impression text;
+  (HAS CONCEPT MOD), then the findings and impression text, and the contrast
+  phase with how it was found (``models.phase``; local code CONTRAST-PHASE);
 * a "Clinical inputs used by the algorithm" container: used numeric values as
   NUM (LOINC, UCUM), missing ones as CODE "= Unknown".
 
@@ -436,6 +437,13 @@ def _evaluations_container(
                 codes.IMPRESSION, prefix + impression_text, hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
+    items.append(
+        hd.sr.TextContentItem(
+            codes.CONTRAST_PHASE,
+            findings.provenance.phase_statement,
+            hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
     strings = [
         f"{cv.name}: {cv.value}"
         for cv in findings.provenance.clinical_used

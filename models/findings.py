@@ -170,6 +170,13 @@ class Provenance:
     notes: tuple[str, ...] = ()
     created_at: datetime | None = None
 
+    @property
+    def phase_statement(self) -> str:
+        """The contrast phase and how it was found (``models.phase``'s note), for the
+        outputs; without such a note, just the phase."""
+        note = next((n for n in self.notes if n.startswith("contrast phase")), None)
+        return note or f"contrast phase {self.contrast_phase.value}"
+
 
 @dataclass(frozen=True)
 class Findings:

@@ -354,7 +354,7 @@ def _pdf_text(pdf: bytes) -> str:
     return "\n".join(out)
 
 
-def test_pdf_states_the_series_and_its_contrast_phase(case: Case) -> None:
+def test_pdf_and_sr_state_the_contrast_phase(case: Case) -> None:
     from dicom_sr.report_pdf import render_pdf
 
     f = case.findings
@@ -366,6 +366,11 @@ def test_pdf_states_the_series_and_its_contrast_phase(case: Case) -> None:
     named = dataclasses.replace(f, provenance=dataclasses.replace(f.provenance, notes=(note,)))
     text = _pdf_text(render_pdf(named, src, options))
     assert "contrast phase arterial: estimated from portal/splenic vein 95 HU" in text
+    # the SR carries the same statement (a TEXT item under Qualitative Evaluations)
+    (sr_path,) = case.paths["sr"]
+    assert read_sr(sr_path).texts[codes.CONTRAST_PHASE.meaning] == "contrast phase unknown"
+    objects = dict(build_all(named, case.sources, options))
+    assert read_sr(objects["sr"]).texts[codes.CONTRAST_PHASE.meaning] == note
 
 
 def test_findings_without_voxels_still_give_a_pdf(case: Case) -> None:
