@@ -36,6 +36,12 @@ class MeanEnsemble(torch.nn.Module):
             raise ValueError("an ensemble needs at least two members")
         self.members = torch.nn.ModuleList(members)
 
+    @staticmethod
+    def member_state(state: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        """Member ``index``'s weights from an ensemble's state dict, without the prefix."""
+        prefix = f"members.{index}."
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(dim=0)
         return torch.log(probs.clamp_min(1e-12))

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.bundle import load_bundle, sha256_file  # noqa: E402
-from models.network import ENSEMBLE_TARGET, ensemble_network_def  # noqa: E402
+from models.network import ENSEMBLE_TARGET, MeanEnsemble, ensemble_network_def  # noqa: E402
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -51,11 +51,7 @@ def _base_members(
     defs = network_def["members"]
     if any(d != defs[0] for d in defs):
         raise SystemExit("the base ensemble's members have different definitions")
-    members = [
-        {k[len(f"members.{i}.") :]: v for k, v in state.items() if k.startswith(f"members.{i}.")}
-        for i in range(len(defs))
-    ]
-    return dict(defs[0]), members
+    return dict(defs[0]), [MeanEnsemble.member_state(state, i) for i in range(len(defs))]
 
 
 def main() -> int:

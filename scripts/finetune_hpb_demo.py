@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.backends import totalseg_manifest_rows  # noqa: E402
 from models.bundle import DEMO_BUNDLE  # noqa: E402
+from models.network import MeanEnsemble  # noqa: E402
 from models.train import TrainConfig, train  # noqa: E402
 
 
@@ -39,10 +40,11 @@ def _weights(items: list[str]) -> dict[str, float]:
 def _member_weights(path: Path, index: int, workdir: Path) -> Path:
     """Write member ``index`` of an ensemble's weights to ``workdir`` as a plain state dict."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    prefix = f"members.{index}."
-    member = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    member = MeanEnsemble.member_state(state, index)
     if not member:
-        raise SystemExit(f"{path}: no weights under {prefix}* (not an ensemble with that member)")
+        raise SystemExit(
+            f"{path}: no weights under members.{index}.* (not an ensemble with that member)"
+        )
     out = workdir / f"init_member{index}.pt"
     torch.save(member, out)
     return out
