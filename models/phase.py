@@ -118,7 +118,8 @@ def estimate_phase(
         if vein is not None and spleen is not None
         else "portal/splenic vein or spleen not segmented"
     )
-    if phase is ContrastPhase.NON_CONTRAST and headers.get("ContrastBolusAgent"):
+    # ContrastApplied: models.loader's reading of the contrast/bolus attributes
+    if phase is ContrastPhase.NON_CONTRAST and headers.get("ContrastApplied"):
         return PhaseEstimate(
             ContrastPhase.UNKNOWN,
             "none",

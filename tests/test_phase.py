@@ -83,7 +83,8 @@ def test_description_comes_first_and_contradictions_are_not_guessed() -> None:
     est = estimate_phase("CT", {"SeriesDescription": "Abdomen", "ProtocolName": "Delayed"}, {})
     assert est.phase is P.DELAYED and "ProtocolName" in est.reason
     unenhanced = {Organ.PORTAL_SPLENIC_VEIN: 40.0, Organ.SPLEEN: 45.0}
-    est = estimate_phase("CT", {"ContrastBolusAgent": "IOHEXOL 350"}, unenhanced)
+    given = {"ContrastBolusAgent": "IOHEXOL 350", "ContrastApplied": True}  # as the loader reads it
+    est = estimate_phase("CT", given, unenhanced)
     assert est.phase is P.UNKNOWN and "contrast agent" in est.reason
     est = estimate_phase("MR", {}, unenhanced)  # no attenuation rule for MR signal
     assert est.phase is P.UNKNOWN and est.source == "none"
