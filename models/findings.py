@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from models.phase import NOTE_PREFIX
 from models.vocab import ContrastPhase, Disease, LesionKind, Organ, SubSite
 
 Point3 = tuple[float, float, float]
@@ -174,8 +175,8 @@ class Provenance:
     def phase_statement(self) -> str:
         """The contrast phase and how it was found (``models.phase``'s note), for the
         outputs; without such a note, just the phase."""
-        note = next((n for n in self.notes if n.startswith("contrast phase")), None)
-        return note or f"contrast phase {self.contrast_phase.value}"
+        note = next((n for n in self.notes if n.startswith(NOTE_PREFIX)), None)
+        return note or f"{NOTE_PREFIX}{self.contrast_phase.value}"
 
 
 @dataclass(frozen=True)

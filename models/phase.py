@@ -55,13 +55,23 @@ DELAYED_SPLEEN_MAX_HU = 90.0
 DELAYED_VEIN_MINUS_SPLEEN_MIN_HU = -5.0
 
 
+#: How every note of :attr:`PhaseEstimate.reason` starts (found again by
+#: ``models.findings.Provenance.phase_statement``)
+NOTE_PREFIX = "contrast phase "
+
+
 @dataclass(frozen=True)
 class PhaseEstimate:
     phase: ContrastPhase
     #: "description", "attenuation" or "none"
     source: str
-    #: one line for the findings' notes: what was read and what it gave
-    reason: str
+    #: what was read and what it gave
+    why: str
+
+    @property
+    def reason(self) -> str:
+        """One line for the findings' notes."""
+        return f"{NOTE_PREFIX}{self.phase.value}: {self.why}"
 
 
 def phase_from_description(text: str | None) -> ContrastPhase | None:
@@ -103,13 +113,9 @@ def estimate_phase(
         text = headers.get(key)
         phase = phase_from_description(str(text) if text else None)
         if phase is not None:
-            return PhaseEstimate(
-                phase, "description", f"contrast phase {phase.value}: from {key} {text!r}"
-            )
+            return PhaseEstimate(phase, "description", f"from {key} {text!r}")
     if modality.upper() != "CT":
-        return PhaseEstimate(
-            ContrastPhase.UNKNOWN, "none", "contrast phase unknown: not named in the series"
-        )
+        return PhaseEstimate(ContrastPhase.UNKNOWN, "none", "not named in the series")
     vein = organ_hu.get(Organ.PORTAL_SPLENIC_VEIN)
     spleen = organ_hu.get(Organ.SPLEEN)
     phase = phase_from_attenuation(vein, spleen)
@@ -123,13 +129,8 @@ def estimate_phase(
         return PhaseEstimate(
             ContrastPhase.UNKNOWN,
             "none",
-            f"contrast phase unknown: attenuation looks unenhanced ({measured}) but the "
-            f"header names a contrast agent",
+            f"attenuation looks unenhanced ({measured}) but the header names a contrast agent",
         )
     if phase is None:
-        return PhaseEstimate(
-            ContrastPhase.UNKNOWN, "none", f"contrast phase unknown: not named, {measured}"
-        )
-    return PhaseEstimate(
-        phase, "attenuation", f"contrast phase {phase.value}: estimated from {measured}"
-    )
+        return PhaseEstimate(ContrastPhase.UNKNOWN, "none", f"not named, {measured}")
+    return PhaseEstimate(phase, "attenuation", f"estimated from {measured}")
