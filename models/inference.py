@@ -26,7 +26,10 @@ Steps of :func:`segment`:
    network's outline is coarse at its 2.5-4 mm voxels, and sizes are read from it.
    The edge level travels with the segmentation (``Segmentation.lesion_edges``), and
    the measurements take each refined lesion's diameters from the image's sub-voxel
-   contour at that level (:class:`models.measure.LesionEdge`).
+   contour at that level (:class:`models.measure.LesionEdge`). Touching lesions one
+   redrawn outline holds are split (``split_mm``), and the lesions are numbered
+   again 1..n by decreasing size (:func:`number_by_size`): lesion 1 is the largest
+   in the SEG, the SR and the report.
 
 :func:`analyse` adds the measurements (:mod:`models.measure`) and provenance and
 returns ``Findings`` with no diagnoses and no report; :func:`with_interpretation`
@@ -542,6 +545,29 @@ def split_refined_lesions(
     return out, parent
 
 
+def number_by_size(instances: npt.NDArray[np.int32]) -> dict[int, int]:
+    """Renumber lesion ``instances`` **in place** 1..n by decreasing voxel count (ties:
+    the lower number first), as :func:`postprocess` numbers them before refinement
+    and splitting moved voxels, dropped lesions or added pieces after the highest
+    number. Returns old number -> new number for every lesion present; where the
+    numbers are already so, nothing is written. Each lesion is relabelled in its own
+    box, so no second volume-sized array is made."""
+    boxes = ndimage.find_objects(instances)
+    present = [i + 1 for i, box in enumerate(boxes) if box is not None]
+    if not present:
+        return {}
+    sizes = np.bincount(instances.ravel(), minlength=len(boxes) + 1)
+    order = sorted(present, key=lambda n: (-int(sizes[n]), n))
+    mapping = {old: new for new, old in enumerate(order, start=1)}
+    moved = [old for old, new in mapping.items() if old != new]
+    # every mask is taken before any is written: a box may hold another lesion's voxels
+    masks = [(mapping[old], boxes[old - 1], instances[boxes[old - 1]] == old) for old in moved]
+    for new, box, m in masks:
+        assert box is not None
+        instances[box][m] = new
+    return mapping
+
+
 def _bundle_axes(bundle: Bundle) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]] | None:
     """Permutation/flips from the canonical (S, P, L) axes to the bundle's array axes
     (``extra["axcodes"]``, e.g. "RAS" for MONAI Model Zoo bundles); None for the node's own."""
@@ -636,6 +662,12 @@ def segment_array(
                 lesion_conf[new] = lesion_conf[old]
                 if old in edges:
                     edges[new] = edges[old]
+        # refinement changed sizes and dropped lesions, splitting added numbers after the
+        # highest: lesion 1 is again the largest, and the numbers run without gaps
+        renumber = number_by_size(inst_canon)
+        lesion_organs = {renumber[n]: o for n, o in lesion_organs.items() if n in renumber}
+        lesion_conf = {renumber[n]: c for n, c in lesion_conf.items() if n in renumber}
+        edges = {renumber[n]: e for n, e in edges.items() if n in renumber}
     organ_src = reo.invert(organ_canon)
     inst_src = np.ascontiguousarray(reo.invert(inst_canon))
     masks = {

@@ -221,3 +221,18 @@ def test_demo_bundle_on_real_ct(shared_data: Path) -> None:
     torch.set_num_threads(2)
     seg = segment(_volume(ct.astype(np.float32), affine), bundle)
     assert _dice(seg.organ_masks[Organ.LIVER], liver > 0) > 0.8
+
+
+def test_demo_bundle_numbers_lesions_by_decreasing_size() -> None:
+    """Synthetic held-out case 1009 (as ``hpb-node synth --seed 1000`` writes it): lesion
+    outlines redrawn on the source grid change the sizes the network grid numbered by,
+    so the node numbers its lesions again, 1..n from the largest."""
+    from models.synthetic.generator import generate_case
+
+    case = generate_case(1009, shape=(80, 144, 144), spacing=(4.0, 2.5, 2.5), modality="CT")
+    torch.set_num_threads(2)
+    seg = segment(_volume(case.image.astype(np.float32), case.affine), load_bundle())
+    sizes = np.bincount(seg.lesion_instances.ravel())[1:]
+    assert sizes.size >= 3 and (sizes > 0).all()
+    assert list(sizes) == sorted(sizes, reverse=True)
+    assert set(seg.lesion_organs) == set(seg.lesion_confidence) == set(range(1, sizes.size + 1))

@@ -18,6 +18,7 @@ from models.bundle import Bundle, BundleError, LesionRefine, PostProcess, load_b
 from models.evaluation.detection import longest_axial_diameter_mm
 from models.inference import (
     labels_from_probs,
+    number_by_size,
     postprocess,
     refine_lesion,
     refine_lesions,
@@ -317,3 +318,33 @@ def test_split_refined_lesions_separates_touching_lesions_only() -> None:
     bump[ball(30, 24, 9) | ball(30, 35, 3.5)] = 1
     out, parent = split_refined_lesions(bump, spacing, 1.5, 12.0)
     assert parent == {} and out is bump  # nothing split: no copy of the volume
+
+
+def test_number_by_size_makes_lesion_one_the_largest_and_closes_gaps() -> None:
+    k, r, c = np.ogrid[:20, :60, :60]
+    spacing = (2.5, 1.0, 1.0)
+
+    def ball(cr: float, cc: float, radius: float) -> np.ndarray:
+        out: np.ndarray = ((k - 10) * 2.5) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius**2
+        return out
+
+    inst = np.zeros((20, 60, 60), dtype=np.int32)
+    inst[ball(30, 18, 9) | ball(30, 34, 8)] = 1
+    inst[ball(8, 50, 5)] = 2
+    inst[ball(50, 50, 3)] = 5  # 3 and 4 were dropped by refinement
+    out, parent = split_refined_lesions(inst, spacing, 1.5, 12.0)
+    assert parent == {6: 1}  # the split piece takes a number after the highest
+    before = {n: int((out == n).sum()) for n in (1, 2, 5, 6)}
+    mapping = number_by_size(out)
+    # by decreasing size: the larger half of lesion 1, the piece split off it, 2, then 5
+    assert mapping == {1: 1, 6: 2, 2: 3, 5: 4}
+    assert set(np.unique(out)) == {0, 1, 2, 3, 4}
+    sizes = [int((out == n).sum()) for n in (1, 2, 3, 4)]
+    assert sizes == sorted(sizes, reverse=True)
+    assert all(int((out == mapping[n]).sum()) == v for n, v in before.items())
+    # the two halves share a bounding-box overlap: neither took the other's voxels
+    assert (out == 1)[10, 30, 18] and (out == 2)[10, 30, 34]
+    again = out.copy()
+    assert number_by_size(again) == {1: 1, 2: 2, 3: 3, 4: 4}
+    assert (again == out).all()
+    assert number_by_size(np.zeros((3, 3, 3), dtype=np.int32)) == {}
