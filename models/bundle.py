@@ -167,6 +167,10 @@ class LesionRefine:
     afterwards (:func:`models.inference.split_refined_lesions`: distance-map maxima that
     rise ``split_mm`` above their saddle); only pieces whose equivalent-sphere
     diameter reaches ``split_min_mm`` become lesions of their own.
+    With ``min_conspicuity``, a lesion whose median differs from the median of the
+    organ ring around it (2-3 voxels out) by less than this many robust standard
+    deviations of that ring is not reported
+    (:func:`models.inference.drop_inconspicuous`): the image does not show it.
     """
 
     grow_voxels: int = 2
@@ -174,6 +178,7 @@ class LesionRefine:
     min_contrast: float = 2.0
     split_mm: float | None = None
     split_min_mm: float = 0.0
+    min_conspicuity: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.grow_voxels, int) or not 1 <= self.grow_voxels <= 5:
@@ -185,12 +190,22 @@ class LesionRefine:
         split = self.split_mm
         if split is not None and not (isinstance(split, int | float) and split > 0):
             raise BundleError("postprocess lesion_refine.split_mm must be a positive number of mm")
+        least = self.min_conspicuity
+        if least is not None and not (isinstance(least, int | float) and least > 0):
+            raise BundleError("postprocess lesion_refine.min_conspicuity must be a positive number")
 
     @classmethod
     def from_json(cls, data: Any) -> LesionRefine:
         if not isinstance(data, Mapping):
             raise BundleError("postprocess lesion_refine must be a JSON object")
-        fields = {"grow_voxels", "smooth_voxels", "min_contrast", "split_mm", "split_min_mm"}
+        fields = {
+            "grow_voxels",
+            "smooth_voxels",
+            "min_contrast",
+            "split_mm",
+            "split_min_mm",
+            "min_conspicuity",
+        }
         unknown = sorted(set(data) - fields)
         if unknown:
             raise BundleError(f"postprocess lesion_refine: unknown field(s) {', '.join(unknown)}")
@@ -204,6 +219,8 @@ class LesionRefine:
         }
         if self.split_mm is not None:
             out.update(split_mm=self.split_mm, split_min_mm=self.split_min_mm)
+        if self.min_conspicuity is not None:
+            out.update(min_conspicuity=self.min_conspicuity)
         return out
 
 

@@ -209,6 +209,8 @@ class Segmentation:
     organ_confidence: dict[Organ, float]
     # where the image shows a refined lesion's edge (sub-voxel measurement)
     lesion_edges: dict[int, LesionEdge] = field(default_factory=dict)
+    # lesions the network marked that the image does not show (LesionRefine.min_conspicuity)
+    lesions_not_distinct: int = 0
 
 
 def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -545,6 +547,48 @@ def split_refined_lesions(
     return out, parent
 
 
+def drop_inconspicuous(
+    image: npt.NDArray[Any],
+    instances: npt.NDArray[np.int32],
+    organ_labels: npt.NDArray[Any],
+    min_conspicuity: float,
+) -> list[int]:
+    """Remove **in place** from ``instances`` the lesions the image does not show
+    (:class:`models.bundle.LesionRefine` ``min_conspicuity``): those whose median
+    differs from the median of a ring of their organ 2-3 voxels around them by less
+    than ``min_conspicuity`` robust standard deviations (1.4826 x the median absolute
+    deviation) of that ring. A lesion with fewer than 5 ring voxels is kept (nothing
+    to compare with). Their voxels stay in the organ ``organ_labels`` folded them
+    into. Returns the numbers removed."""
+    dropped: list[int] = []
+    for idx, found in enumerate(ndimage.find_objects(instances)):
+        if found is None:
+            continue
+        number = idx + 1
+        box = tuple(
+            slice(max(s.start - 4, 0), min(s.stop + 4, n))
+            for s, n in zip(found, instances.shape, strict=True)
+        )
+        inst_b = instances[box]
+        m = inst_b == number
+        ch = np.bincount(np.asarray(organ_labels[box])[m].ravel()).argmax()
+        organ = (np.asarray(organ_labels[box]) == ch) & (inst_b == 0)
+        ring = (
+            ndimage.binary_dilation(m, iterations=3)
+            & ~ndimage.binary_dilation(m, iterations=1)
+            & organ
+        )
+        if ring.sum() < 5:
+            continue
+        img = np.asarray(image[box], dtype=np.float32)
+        bg = float(np.median(img[ring]))
+        noise = 1.4826 * float(np.median(np.abs(img[ring] - bg)))
+        if abs(float(np.median(img[m])) - bg) < min_conspicuity * noise:
+            inst_b[m] = 0
+            dropped.append(number)
+    return dropped
+
+
 def number_by_size(instances: npt.NDArray[np.int32]) -> dict[int, int]:
     """Renumber lesion ``instances`` **in place** 1..n by decreasing voxel count (ties:
     the lower number first), as :func:`postprocess` numbers them before refinement
@@ -648,6 +692,7 @@ def segment_array(
     inst_canon = resample_labels(inst, canon_shape)
     refine = bundle.postprocess.lesion_refine
     edges: dict[int, LesionEdge] = {}
+    inconspicuous = 0
     if refine is not None and inst_canon.any():
         canon_spacing = reo.spacing(affine)
         inst_canon, organ_canon, edges = refine_lesions(
@@ -662,6 +707,12 @@ def segment_array(
                 lesion_conf[new] = lesion_conf[old]
                 if old in edges:
                     edges[new] = edges[old]
+        if refine.min_conspicuity is not None:
+            inconspicuous = len(
+                drop_inconspicuous(
+                    reo.apply(array), inst_canon, organ_canon, refine.min_conspicuity
+                )
+            )
         # refinement changed sizes and dropped lesions, splitting added numbers after the
         # highest: lesion 1 is again the largest, and the numbers run without gaps
         renumber = number_by_size(inst_canon)
@@ -683,6 +734,7 @@ def segment_array(
         lesion_confidence=lesion_conf,
         organ_confidence=organ_conf,
         lesion_edges={n: e for n, e in edges.items() if n in present},
+        lesions_not_distinct=inconspicuous,
     )
 
 
@@ -757,11 +809,18 @@ def findings_from_segmentation(
     phase = estimate_phase(
         volume.modality, volume.headers, {f.organ: f.mean_intensity for f in organs}
     )
-    notes = (
+    notes: tuple[str, ...] = (
         "model output; not for clinical use",
         f"lesions below {bundle.min_lesion_ml} ml are not reported",
         phase.reason,
     )
+    refine = bundle.postprocess.lesion_refine
+    if seg.lesions_not_distinct and refine is not None:
+        notes += (
+            f"{seg.lesions_not_distinct} lesion(s) the network marked are not reported: "
+            "their median differs from the organ around them by less than "
+            f"{refine.min_conspicuity} robust standard deviations",
+        )
     return Findings(
         organs=tuple(organs),
         lesions=lesions,

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from models.bundle import Bundle, load_bundle
+from models.bundle import Bundle, LesionRefine, PostProcess, load_bundle
 from models.findings import Diagnosis
 from models.inference import (
     NoModelForModality,
@@ -186,6 +186,26 @@ def test_analyse_findings_and_provenance(tiny: Bundle) -> None:
     )
     g = with_interpretation(f, [Diagnosis(Disease.HCC, 0.3, (lesion.id,))])
     assert g.diagnoses[0].disease == Disease.HCC and g.lesions == f.lesions
+    # a lesion the image does not show clearly enough is not reported, and the note says so:
+    # in noise of SD 4 the lesion stands 140 / 4 = 35 SD above the liver around it
+    noisy = np.random.default_rng(0).normal(0.0, 4.0, img.shape).astype(np.float32)
+    vol = replace(vol, array=img + noisy)
+    strict = replace(
+        tiny, postprocess=PostProcess(lesion_refine=LesionRefine(min_conspicuity=50.0))
+    )
+    hidden = analyse(vol, strict, network=FakeIntensityNetwork())
+    assert hidden.lesions == ()
+    assert (
+        "1 lesion(s) the network marked are not reported: their median differs from the "
+        "organ around them by less than 50.0 robust standard deviations"
+    ) in hidden.provenance.notes
+    shown = analyse(
+        vol,
+        replace(tiny, postprocess=PostProcess(lesion_refine=LesionRefine(min_conspicuity=1.0))),
+        network=FakeIntensityNetwork(),
+    )
+    assert len(shown.lesions) == 1
+    assert not any("network marked" in n for n in shown.provenance.notes)
 
 
 def test_ultrasound_and_unknown_modalities_are_refused(tiny: Bundle) -> None:

@@ -17,6 +17,7 @@ from scipy import ndimage
 from models.bundle import Bundle, BundleError, LesionRefine, PostProcess, load_bundle
 from models.evaluation.detection import longest_axial_diameter_mm
 from models.inference import (
+    drop_inconspicuous,
     labels_from_probs,
     number_by_size,
     postprocess,
@@ -161,6 +162,10 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
     bundle = load_bundle(_with_post(tmp_path / "3", post))
     assert bundle.postprocess.lesion_refine == LesionRefine(3, 0.5, 2.5, 1.5, 12.0)
     assert bundle.postprocess.to_json() == post
+    post["lesion_refine"] = {**post["lesion_refine"], "min_conspicuity": 0.25}
+    bundle = load_bundle(_with_post(tmp_path / "4", post))
+    assert bundle.postprocess.lesion_refine == LesionRefine(3, 0.5, 2.5, 1.5, 12.0, 0.25)
+    assert bundle.postprocess.to_json() == post
 
 
 @pytest.mark.parametrize(
@@ -179,6 +184,7 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
         ({"lesion_refine": {"grow": 2}}, "lesion_refine: unknown field"),
         ({"lesion_refine": {"split_mm": 0}}, "split_mm must be a positive number"),
         ({"lesion_refine": {"split_min_mm": -1}}, "split_min_mm must be a number >= 0"),
+        ({"lesion_refine": {"min_conspicuity": 0}}, "min_conspicuity must be a positive"),
         ({"lesion_refine": 2}, "lesion_refine must be a JSON object"),
         ([0.2], "must be a JSON object"),
     ],
@@ -348,3 +354,33 @@ def test_number_by_size_makes_lesion_one_the_largest_and_closes_gaps() -> None:
     assert number_by_size(again) == {1: 1, 2: 2, 3: 3, 4: 4}
     assert (again == out).all()
     assert number_by_size(np.zeros((3, 3, 3), dtype=np.int32)) == {}
+
+
+def test_drop_inconspicuous_removes_only_lesions_the_image_does_not_show() -> None:
+    rng = np.random.default_rng(3)
+    shape = (20, 60, 60)
+    k, r, c = np.ogrid[:20, :60, :60]
+    image = rng.normal(100.0, 10.0, shape).astype(np.float32)  # organ, noise SD 10
+    labels = np.full(shape, LIVER, dtype=np.uint8)
+    labels[:, :, 55:] = 0  # background beyond the organ
+    inst = np.zeros(shape, dtype=np.int32)
+
+    def ball(cr: int, cc: int) -> np.ndarray:
+        out: np.ndarray = ((k - 10) * 2.5) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= 36
+        return out
+
+    inst[ball(15, 15)] = 1
+    image[ball(15, 15)] -= 30.0  # 3 SD darker: shown
+    inst[ball(15, 40)] = 2  # the organ's own level: not shown
+    inst[ball(45, 15)] = 3
+    image[ball(45, 15)] += 4.0  # 0.4 SD brighter: shown at 0.25, not at 0.5
+    inst[2:4, 44:46, 56:58] = 4  # a stone that is its whole gallbladder: no ring, kept
+    labels[inst > 0] = LIVER  # lesions are folded into their organ
+    labels[inst == 4] = GALLBLADDER
+    organ_labels = labels.copy()
+    work = inst.copy()
+    assert drop_inconspicuous(image, work, organ_labels, 0.25) == [2]
+    assert set(np.unique(work)) == {0, 1, 3, 4}
+    assert ((work == 0) == ((inst == 0) | (inst == 2))).all()
+    assert (organ_labels == labels).all()  # the voxels stay in the organ
+    assert drop_inconspicuous(image, work, organ_labels, 0.5) == [3]
