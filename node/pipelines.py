@@ -129,6 +129,8 @@ def _summary(findings: Any) -> dict[str, Any]:
         "organs": {str(o.organ.value): round(float(o.volume_ml), 1) for o in findings.organs},
         "report": [str(s.text) for s in findings.report][:200],
         "contrast_phase": str(findings.provenance.contrast_phase.value),
+        # how the phase was found, what the model leaves unreported, and why
+        "notes": [str(n) for n in findings.provenance.notes],
     }
 
 

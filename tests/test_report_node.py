@@ -101,3 +101,7 @@ def test_product_pipeline_passes_modality_and_headers(tmp_path: Path) -> None:
     assert " HU" not in report
     # the phase the synthetic series description names reaches the job summary
     assert result.summary["contrast_phase"] == case.truth.phase.value
+    # and so do the provenance notes: how the phase was found, what is left unreported
+    notes = result.summary["notes"]
+    assert "model output; not for clinical use" in notes
+    assert any(n.startswith(f"contrast phase {case.truth.phase.value}: from") for n in notes)
