@@ -321,12 +321,10 @@ def postprocess(
         number = 0
         for idx in np.argsort(-sizes[1:], kind="stable"):
             lab = int(idx) + 1
-            if sizes[lab] < min_voxels or boxes[idx] is None:
+            found = boxes[idx]
+            if sizes[lab] < min_voxels or found is None:
                 continue
-            box = tuple(
-                slice(max(s.start - 2, 0), s.stop + 2)
-                for s in boxes[idx]  # type: ignore[union-attr]
-            )
+            box = _padded_box(found, comp.shape, 2)
             m = comp[box] == lab
             if seed is not None and float(lesion_prob[box][m].max()) < seed:
                 continue  # no voxel the network is confident about: not reported
@@ -369,6 +367,15 @@ def _split_components(
         out[box][m] = parts[m] + total
         total += k
     return out, total
+
+
+def _padded_box(found: tuple[slice, ...], shape: Sequence[int], pad: int) -> tuple[slice, ...]:
+    """``found`` (a :func:`scipy.ndimage.find_objects` box) widened by ``pad`` voxels on
+    each side, within an array of ``shape``."""
+    return tuple(
+        slice(max(s.start - pad, 0), min(s.stop + pad, n))
+        for s, n in zip(found, shape, strict=True)
+    )
 
 
 def _edge_levels(
@@ -416,11 +423,7 @@ def refine_lesion(
     boxes = ndimage.find_objects(m.astype(np.uint8))
     if not boxes or boxes[0] is None:
         return None
-    pad = params.grow_voxels + 4
-    box = tuple(
-        slice(max(s.start - pad, 0), min(s.stop + pad, n))
-        for s, n in zip(boxes[0], m.shape, strict=True)
-    )
+    box = _padded_box(boxes[0], m.shape, params.grow_voxels + 4)
     mb = m[box]
     img = np.asarray(image[box], dtype=np.float32)
     if params.smooth_voxels > 0:
@@ -490,10 +493,7 @@ def refine_lesions(
             continue
         number = idx + 1
         # each lesion is worked on in its box, never over the whole volume
-        box = tuple(
-            slice(max(s.start - pad, 0), min(s.stop + pad, n))
-            for s, n in zip(found, inst.shape, strict=True)
-        )
+        box = _padded_box(found, inst.shape, pad)
         inst_b, labels_b = inst[box], labels[box]
         old = inst_b == number
         ch = np.bincount(labels_b[old].ravel()).argmax()
@@ -565,14 +565,12 @@ def drop_inconspicuous(
         if found is None:
             continue
         number = idx + 1
-        box = tuple(
-            slice(max(s.start - 4, 0), min(s.stop + 4, n))
-            for s, n in zip(found, instances.shape, strict=True)
-        )
+        box = _padded_box(found, instances.shape, 4)
         inst_b = instances[box]
         m = inst_b == number
-        ch = np.bincount(np.asarray(organ_labels[box])[m].ravel()).argmax()
-        organ = (np.asarray(organ_labels[box]) == ch) & (inst_b == 0)
+        labels_b = np.asarray(organ_labels[box])
+        ch = np.bincount(labels_b[m].ravel()).argmax()
+        organ = (labels_b == ch) & (inst_b == 0)
         ring = (
             ndimage.binary_dilation(m, iterations=3)
             & ~ndimage.binary_dilation(m, iterations=1)
