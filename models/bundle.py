@@ -170,7 +170,10 @@ class LesionRefine:
     With ``min_conspicuity``, a lesion whose median differs from the median of the
     organ ring around it (2-3 voxels out) by less than this many robust standard
     deviations of that ring is not reported
-    (:func:`models.inference.drop_inconspicuous`): the image does not show it.
+    (:func:`models.inference.drop_inconspicuous`): the image does not show it. Only
+    lesions of the organs named in ``conspicuity_organs`` are so checked (empty:
+    every organ's); an organ whose lesions may be isoattenuating and still real (the
+    pancreas: an adenocarcinoma seen by its contour and duct) is left out.
     """
 
     grow_voxels: int = 2
@@ -179,6 +182,7 @@ class LesionRefine:
     split_mm: float | None = None
     split_min_mm: float = 0.0
     min_conspicuity: float | None = None
+    conspicuity_organs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.grow_voxels, int) or not 1 <= self.grow_voxels <= 5:
@@ -193,6 +197,8 @@ class LesionRefine:
         least = self.min_conspicuity
         if least is not None and not (isinstance(least, int | float) and least > 0):
             raise BundleError("postprocess lesion_refine.min_conspicuity must be a positive number")
+        if not all(isinstance(x, str) for x in self.conspicuity_organs):
+            raise BundleError("postprocess lesion_refine.conspicuity_organs must be organ names")
 
     @classmethod
     def from_json(cls, data: Any) -> LesionRefine:
@@ -205,11 +211,17 @@ class LesionRefine:
             "split_mm",
             "split_min_mm",
             "min_conspicuity",
+            "conspicuity_organs",
         }
         unknown = sorted(set(data) - fields)
         if unknown:
             raise BundleError(f"postprocess lesion_refine: unknown field(s) {', '.join(unknown)}")
-        return cls(**dict(data))
+        values = dict(data)
+        named = values.get("conspicuity_organs", [])
+        if not isinstance(named, list):
+            raise BundleError("postprocess lesion_refine.conspicuity_organs must be a list")
+        values["conspicuity_organs"] = tuple(named)
+        return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -221,6 +233,8 @@ class LesionRefine:
             out.update(split_mm=self.split_mm, split_min_mm=self.split_min_mm)
         if self.min_conspicuity is not None:
             out.update(min_conspicuity=self.min_conspicuity)
+        if self.conspicuity_organs:
+            out.update(conspicuity_organs=list(self.conspicuity_organs))
         return out
 
 
@@ -291,17 +305,24 @@ class PostProcess:
         bad = sorted(set(fill) - organs)
         if bad:
             raise BundleError(f"postprocess fill_holes: not an organ channel: {', '.join(bad)}")
+        refine = (
+            LesionRefine.from_json(data["lesion_refine"])
+            if data.get("lesion_refine") is not None
+            else None
+        )
+        bad = sorted(set(refine.conspicuity_organs if refine else ()) - organs)
+        if bad:
+            raise BundleError(
+                f"postprocess lesion_refine.conspicuity_organs: not an organ channel: "
+                f"{', '.join(bad)}"
+            )
         return cls(
             lesion_threshold=data.get("lesion_threshold"),
             lesion_seed_threshold=data.get("lesion_seed_threshold"),
             organ_thresholds={str(k): v for k, v in thresholds.items()},
             fill_holes=tuple(fill),
             lesion_split_mm=data.get("lesion_split_mm"),
-            lesion_refine=(
-                LesionRefine.from_json(data["lesion_refine"])
-                if data.get("lesion_refine") is not None
-                else None
-            ),
+            lesion_refine=refine,
         )
 
     def to_json(self) -> dict[str, Any]:

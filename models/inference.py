@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -552,14 +552,16 @@ def drop_inconspicuous(
     instances: npt.NDArray[np.int32],
     organ_labels: npt.NDArray[Any],
     min_conspicuity: float,
+    channels: Collection[int] | None = None,
 ) -> list[int]:
     """Remove **in place** from ``instances`` the lesions the image does not show
     (:class:`models.bundle.LesionRefine` ``min_conspicuity``): those whose median
     differs from the median of a ring of their organ 2-3 voxels around them by less
     than ``min_conspicuity`` robust standard deviations (1.4826 x the median absolute
     deviation) of that ring. A lesion with fewer than 5 ring voxels is kept (nothing
-    to compare with). Their voxels stay in the organ ``organ_labels`` folded them
-    into. Returns the numbers removed."""
+    to compare with), and so is a lesion of an organ whose channel is not in
+    ``channels`` (None: every organ). Their voxels stay in the organ ``organ_labels``
+    folded them into. Returns the numbers removed."""
     dropped: list[int] = []
     for idx, found in enumerate(ndimage.find_objects(instances)):
         if found is None:
@@ -570,6 +572,8 @@ def drop_inconspicuous(
         m = inst_b == number
         labels_b = np.asarray(organ_labels[box])
         ch = np.bincount(labels_b[m].ravel()).argmax()
+        if channels is not None and int(ch) not in channels:
+            continue
         organ = (labels_b == ch) & (inst_b == 0)
         ring = (
             ndimage.binary_dilation(m, iterations=3)
@@ -706,11 +710,16 @@ def segment_array(
                 if old in edges:
                     edges[new] = edges[old]
         if refine.min_conspicuity is not None:
-            inconspicuous = len(
-                drop_inconspicuous(
-                    reo.apply(array), inst_canon, organ_canon, refine.min_conspicuity
-                )
+            checked = refine.conspicuity_organs
+            channels = (
+                {ch for o, ch in bundle.organ_channels.items() if o.value in checked}
+                if checked
+                else None
             )
+            dropped = drop_inconspicuous(
+                reo.apply(array), inst_canon, organ_canon, refine.min_conspicuity, channels
+            )
+            inconspicuous = len(dropped)
         # refinement changed sizes and dropped lesions, splitting added numbers after the
         # highest: lesion 1 is again the largest, and the numbers run without gaps
         renumber = number_by_size(inst_canon)

@@ -28,7 +28,7 @@ from models.inference import (
 from models.vocab import Organ
 from tests.test_bundle import make_tiny_bundle
 
-LIVER, GALLBLADDER, LESION = 1, 2, 8
+LIVER, GALLBLADDER, PANCREAS, LESION = 1, 2, 3, 8
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,11 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
     bundle = load_bundle(_with_post(tmp_path / "4", post))
     assert bundle.postprocess.lesion_refine == LesionRefine(3, 0.5, 2.5, 1.5, 12.0, 0.25)
     assert bundle.postprocess.to_json() == post
+    post["lesion_refine"] = {**post["lesion_refine"], "conspicuity_organs": ["liver"]}
+    bundle = load_bundle(_with_post(tmp_path / "5", post))
+    refine = bundle.postprocess.lesion_refine
+    assert refine is not None and refine.conspicuity_organs == ("liver",)
+    assert bundle.postprocess.to_json() == post
 
 
 @pytest.mark.parametrize(
@@ -185,6 +190,11 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
         ({"lesion_refine": {"split_mm": 0}}, "split_mm must be a positive number"),
         ({"lesion_refine": {"split_min_mm": -1}}, "split_min_mm must be a number >= 0"),
         ({"lesion_refine": {"min_conspicuity": 0}}, "min_conspicuity must be a positive"),
+        ({"lesion_refine": {"conspicuity_organs": "liver"}}, "conspicuity_organs must be a list"),
+        (
+            {"lesion_refine": {"conspicuity_organs": ["heart"]}},
+            "conspicuity_organs: not an organ channel: heart",
+        ),
         ({"lesion_refine": 2}, "lesion_refine must be a JSON object"),
         ([0.2], "must be a JSON object"),
     ],
@@ -383,4 +393,8 @@ def test_drop_inconspicuous_removes_only_lesions_the_image_does_not_show() -> No
     assert set(np.unique(work)) == {0, 1, 3, 4}
     assert ((work == 0) == ((inst == 0) | (inst == 2))).all()
     assert (organ_labels == labels).all()  # the voxels stay in the organ
-    assert drop_inconspicuous(image, work, organ_labels, 0.5) == [3]
+    # lesions of an organ that is not checked are kept however they look
+    kept = inst.copy()
+    assert drop_inconspicuous(image, kept, organ_labels, 0.5, channels={PANCREAS}) == []
+    assert (kept == inst).all()
+    assert drop_inconspicuous(image, work, organ_labels, 0.5, channels={LIVER}) == [3]
