@@ -206,15 +206,18 @@ def couinaud_segment(
     affine: npt.NDArray[np.float64],
     *,
     portal_z_mm: float | None = None,
+    frame: LiverFrame | None = None,
 ) -> SubSite:
     """Approximate Couinaud segment of a point or a region.
 
     ``where`` is one ``(k, r, c)`` index (fractional allowed), an ``(N, 3)``
     array of them (majority vote), or a boolean mask on the liver mask's grid
-    (majority vote over its voxels; a lesion mask, typically).
+    (majority vote over its voxels; a lesion mask, typically). ``frame``: the liver
+    mask's frame when the caller already has it (building it reads every liver voxel).
     """
     mask = np.asarray(liver_mask, dtype=bool)
-    frame = LiverFrame.from_mask(mask, affine, portal_z_mm=portal_z_mm)
+    if frame is None:
+        frame = LiverFrame.from_mask(mask, affine, portal_z_mm=portal_z_mm)
     labels = frame.classify(_points_lps(where, mask.shape, affine))
     return _majority(labels, COUINAUD_ORDER)
 
@@ -277,9 +280,13 @@ def pancreas_part(
     where: npt.ArrayLike,
     pancreas_mask: npt.NDArray[Any],
     affine: npt.NDArray[np.float64],
+    *,
+    frame: PancreasFrame | None = None,
 ) -> SubSite:
-    """Head, body or tail of a point, an (N, 3) array of points, or a boolean mask."""
+    """Head, body or tail of a point, an (N, 3) array of points, or a boolean mask
+    (``frame``: the pancreas mask's frame, when the caller already has it)."""
     mask = np.asarray(pancreas_mask, dtype=bool)
-    frame = PancreasFrame.from_mask(mask, affine)
+    if frame is None:
+        frame = PancreasFrame.from_mask(mask, affine)
     labels = frame.classify(_points_lps(where, mask.shape, affine))
     return _majority(labels, PANCREAS_ORDER)

@@ -33,7 +33,13 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage import measure as skmeasure
 
-from models.anatomy import AnatomyError, couinaud_segment, pancreas_part
+from models.anatomy import (
+    AnatomyError,
+    LiverFrame,
+    PancreasFrame,
+    couinaud_segment,
+    pancreas_part,
+)
 from models.findings import Axis, LesionFinding, OrganFinding
 from models.vocab import LesionKind, Organ, SubSite
 
@@ -323,18 +329,37 @@ def anatomical_sub_site(
     lesion_mask: BoolMask,
     organ_masks: Mapping[Organ, npt.NDArray[Any]],
     affine: npt.NDArray[np.float64],
+    *,
+    frames: dict[Organ, LiverFrame | PancreasFrame | AnatomyError] | None = None,
 ) -> SubSite | None:
     """Approximate Couinaud segment (liver) or head/body/tail (pancreas) of a
     lesion by majority vote over its voxels (see :mod:`models.anatomy`); ``None``
-    for other organs or when the organ mask is too small to define the frame."""
+    for other organs or when the organ mask is too small to define the frame.
+    ``frames`` keeps each organ's frame (or why it has none) for the next lesion
+    of the same masks: :func:`measure_lesions` passes one per call."""
     om = organ_masks.get(organ)
-    if om is None:
+    if om is None or organ not in (Organ.LIVER, Organ.PANCREAS):
         return None
+    cache: dict[Organ, LiverFrame | PancreasFrame | AnatomyError] = (
+        frames if frames is not None else {}
+    )
     try:
-        if organ == Organ.LIVER:
-            return couinaud_segment(lesion_mask, om, affine)
-        if organ == Organ.PANCREAS:
-            return pancreas_part(lesion_mask, om, affine)
+        if organ not in cache:
+            mask = np.asarray(om, dtype=bool)
+            try:
+                cache[organ] = (
+                    LiverFrame.from_mask(mask, affine)
+                    if organ == Organ.LIVER
+                    else PancreasFrame.from_mask(mask, affine)
+                )
+            except AnatomyError as exc:
+                cache[organ] = exc
+        frame = cache[organ]
+        if isinstance(frame, AnatomyError):
+            raise frame
+        if isinstance(frame, LiverFrame):
+            return couinaud_segment(lesion_mask, om, affine, frame=frame)
+        return pancreas_part(lesion_mask, om, affine, frame=frame)
     except AnatomyError as exc:
         log.info("no sub-site for a %s lesion: %s", organ, exc)
     return None
@@ -450,6 +475,8 @@ def measure_lesions(
     mod = modality if modality is not None else str(getattr(grid, "modality", ""))
     out: list[LesionFinding] = []
     objects = ndimage.find_objects(instances)
+    # the default sub-site finder builds each organ's frame once for all the lesions
+    frames: dict[Organ, LiverFrame | PancreasFrame | AnatomyError] = {}
     for idx, box in enumerate(objects):
         if box is None:
             continue
@@ -460,11 +487,11 @@ def measure_lesions(
             kind = kinds[number]
         else:
             kind = default_lesion_kind(organ, _intensity(grid, m)[0], mod)
-        sub_site = (
-            sub_site_fn(organ, m, organ_masks, np.asarray(grid.affine, dtype=np.float64))
-            if sub_site_fn is not None
-            else None
-        )
+        affine = np.asarray(grid.affine, dtype=np.float64)
+        if sub_site_fn is anatomical_sub_site:
+            sub_site = anatomical_sub_site(organ, m, organ_masks, affine, frames=frames)
+        else:
+            sub_site = sub_site_fn(organ, m, organ_masks, affine) if sub_site_fn else None
         conf = 1.0 if confidences is None else float(confidences.get(number, 1.0))
         edge = edges.get(number) if edges is not None else None
         out.append(

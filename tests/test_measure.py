@@ -215,3 +215,42 @@ def test_edge_contour_measures_between_voxels(radius_mm: float) -> None:
 def test_edge_levels_must_differ() -> None:
     with pytest.raises(MeasureError, match="equals the outside"):
         LesionEdge(level=50.0, outside=50.0)
+
+
+def test_measure_lesions_builds_each_organ_frame_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three liver lesions and one pancreatic: the liver's and the pancreas's frames are
+    built once each (reading every organ voxel per lesion had taken about a third of
+    the node's inference time), and the sub-sites are those of the one-lesion call."""
+    import models.anatomy as anatomy
+    from models.measure import anatomical_sub_site
+
+    shape = (20, 100, 100)
+    affine = _affine((2.0, 1.0, 1.0))
+    image = np.full(shape, 60.0, dtype=np.float32)
+    liver = np.zeros(shape, dtype=bool)
+    liver[:, 10:90, 10:60] = True
+    pancreas = np.zeros(shape, dtype=bool)
+    pancreas[:, 40:80, 62:95] = True
+    lesions = np.zeros(shape, dtype=np.int32)
+    lesions[8:12, 15:25, 15:25] = 1
+    lesions[8:12, 70:80, 45:55] = 2
+    lesions[2:5, 40:46, 30:36] = 3
+    lesions[4:7, 60:66, 75:81] = 4
+    masks = {Organ.LIVER: liver, Organ.PANCREAS: pancreas}
+    alone = [
+        anatomical_sub_site(o, lesions == n, masks, affine)
+        for n, o in [(1, Organ.LIVER), (2, Organ.LIVER), (3, Organ.LIVER), (4, Organ.PANCREAS)]
+    ]
+    built: list[str] = []
+    for cls in (anatomy.LiverFrame, anatomy.PancreasFrame):
+        real = cls.from_mask.__func__  # type: ignore[attr-defined,union-attr]
+
+        def counted(c: type, *a: object, _real: object = real, **k: object) -> object:
+            built.append(c.__name__)
+            return _real(c, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(cls, "from_mask", classmethod(counted))
+    found = measure_lesions(ArrayGrid(image, affine), lesions, masks, modality="CT")
+    assert sorted(built) == ["LiverFrame", "PancreasFrame"]
+    assert [f.sub_site for f in found] == alone
+    assert alone[0] != alone[1]  # the lesions lie in different segments
