@@ -289,14 +289,19 @@ def lesion_instances(
 
 
 def assign_organ(
-    mask: BoolMask, organ_masks: Mapping[Organ, npt.NDArray[Any]], default: Organ
+    mask: BoolMask,
+    organ_masks: Mapping[Organ, npt.NDArray[Any]],
+    default: Organ,
+    box: tuple[slice, ...] | None = None,
 ) -> Organ:
     """The organ whose mask holds most of the lesion; if none overlaps it, the
     organ touching the lesion's 3-voxel neighbourhood most; else the organ whose
-    voxels lie nearest to the lesion centroid (index space); else ``default``."""
+    voxels lie nearest to the lesion centroid (index space); else ``default``.
+    ``box``: a box that holds the whole lesion (the overlaps are counted in it)."""
+    inside = box if box is not None else tuple(slice(None) for _ in mask.shape)
     best: tuple[int, Organ | None] = (0, None)
     for organ, om in organ_masks.items():
-        overlap = int(np.count_nonzero(mask & np.asarray(om, dtype=bool)))
+        overlap = int(np.count_nonzero(mask[inside] & np.asarray(om[inside], dtype=bool)))
         if overlap > best[0]:
             best = (overlap, organ)
     if best[1] is not None:
@@ -482,7 +487,7 @@ def measure_lesions(
             continue
         number = idx + 1
         m = instances == number
-        organ = assign_organ(m, organ_masks, default_organ)
+        organ = assign_organ(m, organ_masks, default_organ, box)
         if kinds is not None and number in kinds:
             kind = kinds[number]
         else:

@@ -254,3 +254,13 @@ def test_measure_lesions_builds_each_organ_frame_once(monkeypatch: pytest.Monkey
     assert sorted(built) == ["LiverFrame", "PancreasFrame"]
     assert [f.sub_site for f in found] == alone
     assert alone[0] != alone[1]  # the lesions lie in different segments
+    # the organ is found in the lesion's box as in the whole volume
+    from scipy import ndimage
+
+    from models.measure import assign_organ
+
+    for n, box in enumerate(ndimage.find_objects(lesions), start=1):
+        assert box is not None
+        m = lesions == n
+        whole = assign_organ(m, masks, Organ.SPLEEN)
+        assert assign_organ(m, masks, Organ.SPLEEN, box) == whole == found[n - 1].organ
