@@ -95,6 +95,14 @@ def test_shipped_weights_load_and_predict(model: FusionModel) -> None:
     for name in model.meta["network_features_from"]:
         assert name.startswith("hpb_demo ") and name in model.meta["data"]
         assert "segmentation network's findings" in model.meta["data"]
+    # ... and that network is the shipped bundle: a new bundle version (its findings
+    # differ) ships with heads refitted on its findings
+    from models.bundle import load_bundle
+
+    shipped = load_bundle()
+    assert model.meta["network_features_from"] == [
+        f"{shipped.name} {shipped.version} {shipped.weights_sha256[:12]}"
+    ]
     f = measured_findings(truth(()), np.random.default_rng(1))
     probs = model.predict(f, context_from_labs({}))
     assert all(0.0 <= p <= 1.0 for p in probs.values())
