@@ -311,14 +311,18 @@ def test_refine_adds_no_island_that_only_joins_the_lesion_through_another_slice(
     assert (new & sphere).sum() >= 0.95 * sphere.sum()
 
 
-def test_split_refined_lesions_separates_touching_lesions_only() -> None:
+SPLIT_SPACING = (2.5, 1.0, 1.0)  # a 20 x 60 x 60 grid
+
+
+def ball(cr: float, cc: float, radius: float) -> np.ndarray:
+    """A ball of ``radius`` mm centred on slice 10, row ``cr``, column ``cc``."""
     k, r, c = np.ogrid[:20, :60, :60]
-    spacing = (2.5, 1.0, 1.0)
+    out: np.ndarray = ((k - 10) * 2.5) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius**2
+    return out
 
-    def ball(cr: float, cc: float, radius: float) -> np.ndarray:
-        out: np.ndarray = ((k - 10) * 2.5) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius**2
-        return out
 
+def test_split_refined_lesions_separates_touching_lesions_only() -> None:
+    spacing = SPLIT_SPACING
     inst = np.zeros((20, 60, 60), dtype=np.int32)
     inst[ball(30, 18, 9) | ball(30, 34, 8)] = 1  # two touching lesions in one outline
     inst[ball(8, 50, 5)] = 2  # a lesion on its own
@@ -337,13 +341,7 @@ def test_split_refined_lesions_separates_touching_lesions_only() -> None:
 
 
 def test_number_by_size_makes_lesion_one_the_largest_and_closes_gaps() -> None:
-    k, r, c = np.ogrid[:20, :60, :60]
-    spacing = (2.5, 1.0, 1.0)
-
-    def ball(cr: float, cc: float, radius: float) -> np.ndarray:
-        out: np.ndarray = ((k - 10) * 2.5) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= radius**2
-        return out
-
+    spacing = SPLIT_SPACING
     inst = np.zeros((20, 60, 60), dtype=np.int32)
     inst[ball(30, 18, 9) | ball(30, 34, 8)] = 1
     inst[ball(8, 50, 5)] = 2

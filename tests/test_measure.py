@@ -95,14 +95,25 @@ def test_oblique_grid_uses_affine() -> None:
     assert d.long_mm == pytest.approx(30.0, abs=1.0)
 
 
-def test_measure_lesions_instances_key_slice_and_organ() -> None:
+def _liver_and_pancreas() -> tuple[
+    tuple[int, int, int],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.bool_],
+]:
+    """A 20 x 100 x 100 grid (2 x 1 x 1 mm): image at 60, a liver block and a pancreas block."""
     shape = (20, 100, 100)
-    affine = _affine((2.0, 1.0, 1.0))
     image = np.full(shape, 60.0, dtype=np.float32)
     liver = np.zeros(shape, dtype=bool)
     liver[:, 10:90, 10:60] = True
     pancreas = np.zeros(shape, dtype=bool)
     pancreas[:, 40:80, 62:95] = True
+    return shape, _affine((2.0, 1.0, 1.0)), image, liver, pancreas
+
+
+def test_measure_lesions_instances_key_slice_and_organ() -> None:
+    shape, affine, image, liver, pancreas = _liver_and_pancreas()
     lesions = np.zeros(shape, dtype=bool)
     # a sphere of radius ~8 mm in the liver, centred on slice 10
     kk, rr, cc = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(np.float64)
@@ -224,13 +235,7 @@ def test_measure_lesions_builds_each_organ_frame_once(monkeypatch: pytest.Monkey
     import models.anatomy as anatomy
     from models.measure import anatomical_sub_site
 
-    shape = (20, 100, 100)
-    affine = _affine((2.0, 1.0, 1.0))
-    image = np.full(shape, 60.0, dtype=np.float32)
-    liver = np.zeros(shape, dtype=bool)
-    liver[:, 10:90, 10:60] = True
-    pancreas = np.zeros(shape, dtype=bool)
-    pancreas[:, 40:80, 62:95] = True
+    shape, affine, image, liver, pancreas = _liver_and_pancreas()
     lesions = np.zeros(shape, dtype=np.int32)
     lesions[8:12, 15:25, 15:25] = 1
     lesions[8:12, 70:80, 45:55] = 2
