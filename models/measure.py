@@ -348,23 +348,23 @@ def anatomical_sub_site(
     cache: dict[Organ, LiverFrame | PancreasFrame | AnatomyError] = (
         frames if frames is not None else {}
     )
+    if organ not in cache:
+        mask = np.asarray(om, dtype=bool)
+        try:
+            cache[organ] = (
+                LiverFrame.from_mask(mask, affine)
+                if organ == Organ.LIVER
+                else PancreasFrame.from_mask(mask, affine)
+            )
+        except AnatomyError as exc:
+            cache[organ] = exc
+    frame = cache[organ]
     try:
-        if organ not in cache:
-            mask = np.asarray(om, dtype=bool)
-            try:
-                cache[organ] = (
-                    LiverFrame.from_mask(mask, affine)
-                    if organ == Organ.LIVER
-                    else PancreasFrame.from_mask(mask, affine)
-                )
-            except AnatomyError as exc:
-                cache[organ] = exc
-        frame = cache[organ]
-        if isinstance(frame, AnatomyError):
-            raise frame
         if isinstance(frame, LiverFrame):
             return couinaud_segment(lesion_mask, om, affine, frame=frame)
-        return pancreas_part(lesion_mask, om, affine, frame=frame)
+        if isinstance(frame, PancreasFrame):
+            return pancreas_part(lesion_mask, om, affine, frame=frame)
+        log.info("no sub-site for a %s lesion: %s", organ, frame)
     except AnatomyError as exc:
         log.info("no sub-site for a %s lesion: %s", organ, exc)
     return None
