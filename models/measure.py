@@ -482,6 +482,7 @@ def measure_lesions(
     objects = ndimage.find_objects(instances)
     # the default sub-site finder builds each organ's frame once for all the lesions
     frames: dict[Organ, LiverFrame | PancreasFrame | AnatomyError] = {}
+    affine = np.asarray(grid.affine, dtype=np.float64)
     for idx, box in enumerate(objects):
         if box is None:
             continue
@@ -492,7 +493,6 @@ def measure_lesions(
             kind = kinds[number]
         else:
             kind = default_lesion_kind(organ, _intensity(grid, m)[0], mod)
-        affine = np.asarray(grid.affine, dtype=np.float64)
         if sub_site_fn is anatomical_sub_site:
             sub_site = anatomical_sub_site(organ, m, organ_masks, affine, frames=frames)
         else:
