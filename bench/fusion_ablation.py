@@ -143,9 +143,18 @@ def network_dataset(
 def refuse_shared_seeds(
     records: list[dict[str, Any]], test_records: list[dict[str, Any]] | None, path: Path
 ) -> None:
-    """Stop when training records of ``path`` share a seed with the test records."""
+    """Stop when training records of ``path`` share a seed with the test records, or
+    were measured by another segmentation model than the test records."""
     if test_records is None:
         return
+    train_models = sorted({str(r["model"]) for r in records})
+    test_models = sorted({str(r["model"]) for r in test_records})
+    if train_models != test_models:
+        raise SystemExit(
+            f"{path} holds records of {', '.join(train_models)}, the test records of "
+            f"{', '.join(test_models)}: run bench/fusion_network_cases.py for both with "
+            "one bundle"
+        )
     shared = {int(r["seed"]) for r in test_records} & {int(r["seed"]) for r in records}
     if shared:
         raise SystemExit(

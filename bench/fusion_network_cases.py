@@ -8,7 +8,10 @@ For each seed: ``models.synthetic.generate_case`` (CT, 80 x 144 x 144 voxels at
 ``models.inference.analyse`` with the shipped bundle (the node's inference,
 post-processing and measurement). One JSON line per case: the case truth, the
 network's organ and lesion measurements and the seconds taken. The file is
-appended to and cases already in it are skipped, so a run can be resumed.
+appended to and cases already in it are skipped, so a run can be resumed; a file
+whose records came from another bundle (name, version, weights) is refused, so
+that one file never mixes two models' findings (after a bundle change, write new
+files: ``bench/refit_fusion.sh`` does all of it).
 
 ``bench/fusion_ablation.py --network-cases FILE`` and
 ``bench/report_quality.py --network-cases FILE`` read it: image features (and
@@ -36,6 +39,28 @@ sys.path.insert(0, str(ROOT))
 
 SHAPE = (80, 144, 144)
 SPACING = (4.0, 2.5, 2.5)
+
+
+def model_id(bundle: Any) -> str:
+    """How a record names the bundle that measured it: name, version, weights hash."""
+    return f"{bundle.name} {bundle.version} {bundle.weights_sha256[:12]}"
+
+
+class MixedModels(ValueError):
+    """Records of more than one segmentation model in one file."""
+
+
+def check_one_model(records: list[dict[str, Any]], path: Path, model: str | None = None) -> None:
+    """Raise :class:`MixedModels` if ``records`` (of ``path``) come from more than one
+    model, or from another than ``model``."""
+    found = sorted({str(r.get("model")) for r in records})
+    if len(found) > 1:
+        raise MixedModels(f"{path}: records of several models ({', '.join(found)})")
+    if model is not None and found and found[0] != model:
+        raise MixedModels(
+            f"{path} holds records of {found[0]}, not of {model}: write the new bundle's "
+            "records to another file (--out) or remove this one"
+        )
 
 
 def case_record(seed: int, bundle: Any, net: Any) -> dict[str, Any]:
@@ -69,7 +94,7 @@ def case_record(seed: int, bundle: Any, net: Any) -> dict[str, Any]:
         "seed": seed,
         "truth": case.truth.to_json(),
         "seconds": round(seconds, 2),
-        "model": f"{bundle.name} {bundle.version} {bundle.weights_sha256[:12]}",
+        "model": model_id(bundle),
         "organs": [
             {
                 "organ": o.organ.value,
@@ -100,8 +125,10 @@ def case_record(seed: int, bundle: Any, net: Any) -> dict[str, Any]:
 
 
 def load_cases(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` in seed order."""
+    """The records of ``path`` in seed order; :class:`MixedModels` if they come from
+    more than one model."""
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    check_one_model(rows, path)
     return sorted(rows, key=lambda r: int(r["seed"]))
 
 
@@ -186,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
-    net = bundle.network()
     done: set[int] = set()
     if args.out.is_file():
-        for line in args.out.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                done.add(int(json.loads(line)["seed"]))
+        try:
+            records = load_cases(args.out)
+            check_one_model(records, args.out, model_id(bundle))
+        except MixedModels as exc:
+            print(f"fusion_network_cases: {exc}", file=sys.stderr)
+            return 2
+        done = {int(r["seed"]) for r in records}
+    net = bundle.network()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a", encoding="utf-8") as fh:
         for seed in range(args.first_seed, args.first_seed + args.cases):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,26 +205,72 @@ def test_ablation_results_are_complete_and_honest() -> None:
 def test_ablation_refuses_network_training_records_that_share_test_seeds(tmp_path: Path) -> None:
     """bench/fusion_ablation.py stops, before any work, when --network-train holds a seed
     of --network-cases; the shipped results file is not touched."""
-    import subprocess
-    import sys
-
-    rows = [
-        json.loads(line)
-        for line in (ROOT / "bench" / "results" / "fusion_network_cases.jsonl")
-        .read_text()
-        .splitlines()[:3]
-    ]
+    rows = _network_rows(3)
     test_file, train_file = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
     test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_file.write_text(json.dumps(rows[1]) + "\n")
     out = tmp_path / "ablation.json"
     args = ["--network-cases", str(test_file), "--network-train", str(train_file)]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "fusion_ablation.py"), *args, "--out", str(out)],
+    proc = _bench("fusion_ablation.py", *args, "--out", str(out))
+    assert proc.returncode != 0
+    assert "share 1 seeds" in proc.stderr
+    assert not out.exists()
+
+
+def _network_rows(n: int) -> list[dict[str, object]]:
+    lines = (ROOT / "bench" / "results" / "fusion_network_cases.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines[:n]]
+
+
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_ablation_refuses_training_records_of_another_segmentation_model(tmp_path: Path) -> None:
+    """Heads fitted on one bundle's findings and tested on another's would be judged on
+    features they never saw: bench/fusion_ablation.py stops before any work."""
+    rows = _network_rows(2)
+    other = {**rows[1], "seed": 999_999, "model": "other_bundle 9.9 000000000000"}
+    test_file, train_file = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
+    test_file.write_text(json.dumps(rows[0]) + "\n")
+    train_file.write_text(json.dumps(other) + "\n")
+    out = tmp_path / "ablation.json"
+    proc = _bench(
+        "fusion_ablation.py",
+        *("--network-cases", str(test_file), "--network-train", str(train_file)),
+        *("--out", str(out), "--no-save-weights"),
+    )
     assert proc.returncode != 0
-    assert "share 1 seeds" in proc.stderr
+    assert "holds records of other_bundle 9.9" in proc.stderr
     assert not out.exists()
+
+
+def test_network_records_of_two_models_are_never_mixed(tmp_path: Path) -> None:
+    """bench/fusion_network_cases.py refuses to append the shipped bundle's records to a
+    file of another bundle's (before running the network), and load_cases refuses a
+    file that mixes models."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fusion_network_cases import MixedModels, load_cases
+
+    rows = _network_rows(2)
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({**rows[0], "model": "other_bundle 9.9 000000000000"}) + "\n")
+    before = old.read_text()
+    proc = _bench(
+        "fusion_network_cases.py", "--cases", "1", "--first-seed", "123", "--out", str(old)
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "holds records of other_bundle 9.9" in proc.stderr
+    assert "not of hpb_demo" in proc.stderr
+    assert old.read_text() == before
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(old.read_text() + json.dumps(rows[1]) + "\n")
+    with pytest.raises(MixedModels, match="several models"):
+        load_cases(mixed)
+    assert len(load_cases(ROOT / "bench" / "results" / "fusion_network_cases.jsonl")) == 320
