@@ -734,7 +734,8 @@ def segment_array(
     masks = {
         organ: np.ascontiguousarray(organ_src == ch) for organ, ch in bundle.organ_channels.items()
     }
-    present = set(np.unique(inst_src).tolist()) - {0}
+    # lesions the nearest-neighbour resampling kept (find_objects: one pass, no sort)
+    present = {i + 1 for i, box in enumerate(ndimage.find_objects(inst_src)) if box is not None}
     lesion_organs = {n: o for n, o in lesion_organs.items() if n in present}
     lesion_conf = {n: c for n, c in lesion_conf.items() if n in present}
     return Segmentation(

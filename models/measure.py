@@ -114,11 +114,23 @@ def voxel_volume_ml(affine: npt.NDArray[np.float64]) -> float:
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
-def _intensity(grid: Grid, mask: BoolMask) -> tuple[float | None, float | None]:
-    if not mask.any():
+def _intensity(
+    grid: Grid, mask: BoolMask, box: tuple[slice, ...] | None = None
+) -> tuple[float | None, float | None]:
+    """Mean and SD of the image under ``mask``; with ``box`` (holding all of the mask),
+    only that box is read."""
+    inside = box if box is not None else tuple(slice(None) for _ in mask.shape)
+    sub = mask[inside]
+    if not sub.any():
         return None, None
-    values = np.asarray(grid.array[mask], dtype=np.float64)
+    values = np.asarray(grid.array[inside][sub], dtype=np.float64)
     return float(values.mean()), float(values.std())
+
+
+def mask_box(mask: BoolMask) -> tuple[slice, ...] | None:
+    """The smallest box that holds every voxel of ``mask``; None for an empty mask."""
+    found = ndimage.find_objects(np.asarray(mask, dtype=bool).view(np.uint8))
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------------------
@@ -278,12 +290,14 @@ def lesion_instances(
         return remap[labels]
     if arr.min(initial=0) < 0:
         raise MeasureError("lesion instance labels must be >= 0")
-    out = arr.astype(np.int32)
+    # an int32 instance volume comes back as it is (a copy of 600 slices is 629 MB)
+    out = arr.astype(np.int32, copy=False)
     if min_voxels > 1:
         sizes = np.bincount(out.ravel())
         small = np.flatnonzero(sizes < min_voxels)
         small = small[small > 0]
         if small.size:
+            out = out.copy()
             out[np.isin(out, small)] = 0
     return out
 
@@ -336,12 +350,14 @@ def anatomical_sub_site(
     affine: npt.NDArray[np.float64],
     *,
     frames: dict[Organ, LiverFrame | PancreasFrame | AnatomyError] | None = None,
+    box: tuple[slice, ...] | None = None,
 ) -> SubSite | None:
     """Approximate Couinaud segment (liver) or head/body/tail (pancreas) of a
     lesion by majority vote over its voxels (see :mod:`models.anatomy`); ``None``
     for other organs or when the organ mask is too small to define the frame.
     ``frames`` keeps each organ's frame (or why it has none) for the next lesion
-    of the same masks: :func:`measure_lesions` passes one per call."""
+    of the same masks: :func:`measure_lesions` passes one per call. ``box``: a box
+    that holds the whole lesion (its voxels are read there, not over the volume)."""
     om = organ_masks.get(organ)
     if om is None or organ not in (Organ.LIVER, Organ.PANCREAS):
         return None
@@ -359,11 +375,17 @@ def anatomical_sub_site(
         except AnatomyError as exc:
             cache[organ] = exc
     frame = cache[organ]
+    where: npt.NDArray[Any] = lesion_mask
+    if box is not None:  # the lesion's (k, r, c) voxels, found in its box
+        where = np.argwhere(lesion_mask[box]) + [s.start for s in box]
+        if where.shape[0] == 0:
+            log.info("no sub-site for a %s lesion: the query mask is empty", organ)
+            return None
     try:
         if isinstance(frame, LiverFrame):
-            return couinaud_segment(lesion_mask, om, affine, frame=frame)
+            return couinaud_segment(where, om, affine, frame=frame)
         if isinstance(frame, PancreasFrame):
-            return pancreas_part(lesion_mask, om, affine, frame=frame)
+            return pancreas_part(where, om, affine, frame=frame)
         log.info("no sub-site for a %s lesion: %s", organ, frame)
     except AnatomyError as exc:
         log.info("no sub-site for a %s lesion: %s", organ, exc)
@@ -391,17 +413,26 @@ def measure_lesion(
     sub_site: SubSite | None = None,
     confidence: float = 1.0,
     edge: LesionEdge | None = None,
+    box: tuple[slice, ...] | None = None,
 ) -> LesionFinding:
     """Measure one lesion (a boolean mask of a single instance); with ``edge``, its
-    diameters come from the image's sub-voxel contour at the edge level."""
+    diameters come from the image's sub-voxel contour at the edge level. ``box``: the
+    lesion's box (:func:`mask_box`, found when not given); every measurement reads
+    that box, never the whole volume."""
     _check_mask(grid, mask, f"lesion {number}")
     m = np.asarray(mask, dtype=bool)
-    ks = np.flatnonzero(m.any(axis=(1, 2)))
+    if box is None:
+        box = mask_box(m)
+    if box is None:
+        raise MeasureError(f"lesion {number}: empty mask")
+    sub = m[box]
+    origin = np.array([s.start for s in box])
+    ks = np.flatnonzero(sub.any(axis=(1, 2))) + origin[0]
     if ks.size == 0:
         raise MeasureError(f"lesion {number}: empty mask")
     affine = np.asarray(grid.affine, dtype=np.float64)
-    rows = np.flatnonzero(m.any(axis=(0, 2)))
-    cols = np.flatnonzero(m.any(axis=(0, 1)))
+    rows = np.flatnonzero(sub.any(axis=(0, 2))) + origin[1]
+    cols = np.flatnonzero(sub.any(axis=(0, 1))) + origin[2]
     r0, c0 = int(rows[0]), int(cols[0])
     if edge is not None:
         # one voxel of margin for the contour band, three more for the smoothing
@@ -426,9 +457,9 @@ def measure_lesion(
     key = max((int(k) for k in ks), key=long_mm)
     d = slice_diameters(crop[key], affine, lines.get(key))
 
-    centroid_krc = np.argwhere(m).mean(axis=0)
+    centroid_krc = np.argwhere(sub).mean(axis=0) + origin
     centroid = centroid_krc @ affine[:3, :3].T + affine[:3, 3]
-    mean, std = _intensity(grid, m)
+    mean, std = _intensity(grid, m, box)
 
     def krc(rc: tuple[float, float]) -> tuple[float, float, float]:
         return (float(key), rc[0] + r0, rc[1] + c0)
@@ -438,7 +469,7 @@ def measure_lesion(
         organ=organ,
         kind=kind,
         mask=m,
-        volume_ml=float(m.sum()) * voxel_volume_ml(affine),
+        volume_ml=float(np.count_nonzero(sub)) * voxel_volume_ml(affine),
         long_axis=Axis(start=krc(d.long_rc[0]), end=krc(d.long_rc[1]), length_mm=d.long_mm),
         short_axis=Axis(start=krc(d.short_rc[0]), end=krc(d.short_rc[1]), length_mm=d.short_mm),
         key_slice=key,
@@ -487,21 +518,23 @@ def measure_lesions(
         if box is None:
             continue
         number = idx + 1
-        m = instances == number
+        # the lesion's full-size mask (it travels in the findings), filled in its box
+        m = np.zeros(instances.shape, dtype=bool)
+        m[box] = instances[box] == number
         organ = assign_organ(m, organ_masks, default_organ, box)
         if kinds is not None and number in kinds:
             kind = kinds[number]
         else:
-            kind = default_lesion_kind(organ, _intensity(grid, m)[0], mod)
+            kind = default_lesion_kind(organ, _intensity(grid, m, box)[0], mod)
         if sub_site_fn is anatomical_sub_site:
-            sub_site = anatomical_sub_site(organ, m, organ_masks, affine, frames=frames)
+            sub_site = anatomical_sub_site(organ, m, organ_masks, affine, frames=frames, box=box)
         else:
             sub_site = sub_site_fn(organ, m, organ_masks, affine) if sub_site_fn else None
         conf = 1.0 if confidences is None else float(confidences.get(number, 1.0))
         edge = edges.get(number) if edges is not None else None
         out.append(
             measure_lesion(
-                grid, m, number, organ, kind, sub_site=sub_site, confidence=conf, edge=edge
+                grid, m, number, organ, kind, sub_site=sub_site, confidence=conf, edge=edge, box=box
             )
         )
     return tuple(out)
