@@ -120,6 +120,17 @@ def test_resample_labels_nearest() -> None:
     up = resample_labels(lab, (8, 8, 8))
     assert up.shape == (8, 8, 8)
     assert (up[4:] == 1).all() and (up[:4] == 0).all()
+    # every axis resampled on its own ratio, up and down: each voxel takes the label of
+    # the nearest source voxel along each axis
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 9, (5, 7, 9)).astype(np.int32)
+    out = resample_labels(lab, (13, 4, 17))
+    for k, r, c in np.ndindex(13, 4, 17):
+        src = [
+            min(int(np.rint((i + 0.5) * n / m - 0.5)), n - 1)
+            for i, n, m in zip((k, r, c), lab.shape, out.shape, strict=True)
+        ]
+        assert out[k, r, c] == lab[src[0], src[1], src[2]]
 
 
 def _iso3(affine: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
