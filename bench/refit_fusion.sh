@@ -10,10 +10,12 @@
 # 2. the first 50 test records become the report bench's records;
 # 3. bench/fusion_ablation.py refits the shipped fusion weights
 #    (models/fusion_weights/fusion.json) and writes bench/results/fusion_ablation.json;
-# 4. bench/report_quality.py writes bench/results/report_quality.json.
+# 4. bench/report_quality.py writes bench/results/report_quality.json with them.
 # The three record files in bench/results are replaced only once every record is in.
 # About an hour on a 2-core CPU. CASES_TEST, CASES_TRAIN and CASES_REPORT change the
-# counts (for a quick check of the script; committed results use the defaults).
+# counts, RESULTS (default bench/results) and WEIGHTS (default
+# models/fusion_weights/fusion.json) where the results go: for a quick check of the
+# script (tests/test_fusion.py); committed results use the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -21,6 +23,8 @@ WORK=${WORK:-var/refit}
 CASES_TEST=${CASES_TEST:-320}
 CASES_TRAIN=${CASES_TRAIN:-400}
 CASES_REPORT=${CASES_REPORT:-50}
+RESULTS=${RESULTS:-bench/results}
+WEIGHTS=${WEIGHTS:-models/fusion_weights/fusion.json}
 BUNDLE=()
 if [[ "${1:-}" == "--bundle" ]]; then
   BUNDLE=(--bundle "${2:?--bundle needs a directory}")
@@ -54,13 +58,15 @@ lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
 (work / "report.jsonl").write_text(lines, encoding="utf-8")
 print(f"[refit] {len(rows)} report records ({rows[0]['model']})")
 EOF
-cp "$WORK/test.jsonl" bench/results/fusion_network_cases.jsonl
-cp "$WORK/train.jsonl" bench/results/fusion_train_network_cases.jsonl
-cp "$WORK/report.jsonl" bench/results/report_network_cases.jsonl
+mkdir -p "$RESULTS"
+cp "$WORK/test.jsonl" "$RESULTS/fusion_network_cases.jsonl"
+cp "$WORK/train.jsonl" "$RESULTS/fusion_train_network_cases.jsonl"
+cp "$WORK/report.jsonl" "$RESULTS/report_network_cases.jsonl"
 echo "[refit] fusion heads and ablation"
-"$PY" bench/fusion_ablation.py --network-cases bench/results/fusion_network_cases.jsonl \
-  --network-train bench/results/fusion_train_network_cases.jsonl
+"$PY" bench/fusion_ablation.py --network-cases "$RESULTS/fusion_network_cases.jsonl" \
+  --network-train "$RESULTS/fusion_train_network_cases.jsonl" \
+  --out "$RESULTS/fusion_ablation.json" --weights "$WEIGHTS"
 echo "[refit] report quality"
-"$PY" bench/report_quality.py --network-cases bench/results/report_network_cases.jsonl \
-  --cases "$CASES_REPORT"
-echo "[refit] done: commit bench/results and models/fusion_weights together with the bundle"
+"$PY" bench/report_quality.py --network-cases "$RESULTS/report_network_cases.jsonl" \
+  --cases "$CASES_REPORT" --out "$RESULTS/report_quality.json" --weights "$WEIGHTS"
+echo "[refit] done: commit $RESULTS and $WEIGHTS together with the bundle"

@@ -155,7 +155,11 @@ def _disease_cause(d: Disease, truth: CaseTruth, out: Findings, text: str) -> st
     return f"classifier: not named (p < 0.2){lesions}"
 
 
-def evaluate(cases: Iterator[tuple[CaseTruth, Findings]], oracle: bool = False) -> dict[str, Any]:
+def evaluate(
+    cases: Iterator[tuple[CaseTruth, Findings]], oracle: bool = False, fusion: Any = None
+) -> dict[str, Any]:
+    """Report metrics of ``cases``: diagnoses by ``fusion`` (default: the shipped fusion
+    weights) or, with ``oracle``, the true ones."""
     completeness: list[float] = []
     correctness: list[float] = []
     grades: list[float] = []
@@ -169,7 +173,7 @@ def evaluate(cases: Iterator[tuple[CaseTruth, Findings]], oracle: bool = False) 
         clin = synthesize_clinical(truth)
         ctx = context_from_labs(clin.labs, history=clin.history, age=truth.age, sex=truth.sex)
         out = with_diagnoses_and_report(
-            findings, ctx, model=TruthDiagnoses(truth) if oracle else None
+            findings, ctx, model=TruthDiagnoses(truth) if oracle else fusion
         )
         text = out.report_text("findings") + " " + out.report_text("impression")
         cmp = compare_findings(text, clin.reference_report)
@@ -228,7 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-seed", type=int, default=300_000)
     ap.add_argument("--network-cases", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "report_quality.json")
+    ap.add_argument(
+        "--weights", type=Path, default=None, help="fusion weights (default: the shipped ones)"
+    )
     args = ap.parse_args(argv)
+    fusion = None
+    if args.weights is not None:
+        from models.fusion import FusionModel
+
+        fusion = FusionModel.load(args.weights)
     seeds = range(args.first_seed, args.first_seed + args.cases)
 
     def simulated() -> Iterator[tuple[CaseTruth, Findings]]:
@@ -242,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             yield truth, reference_findings(truth)
 
     by_source: dict[str, dict[str, Any]] = {
-        "simulated_measurement": evaluate(simulated()),
-        "reference_findings": evaluate(exact()),
+        "simulated_measurement": evaluate(simulated(), fusion=fusion),
+        "reference_findings": evaluate(exact(), fusion=fusion),
         "reference_findings_and_diagnoses": evaluate(exact(), oracle=True),
     }
     if args.network_cases is not None:
@@ -255,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             for rec in records:
                 yield CaseTruth.from_json(rec["truth"]), findings_from_record(rec)
 
-        by_source["network"] = evaluate(network())
+        by_source["network"] = evaluate(network(), fusion=fusion)
     for name, res in by_source.items():
         res["data"] = SOURCES[name]
     # the headline is what the node itself writes: the network's findings where given

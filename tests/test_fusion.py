@@ -274,3 +274,57 @@ def test_network_records_of_two_models_are_never_mixed(tmp_path: Path) -> None:
     with pytest.raises(MixedModels, match="several models"):
         load_cases(mixed)
     assert len(load_cases(ROOT / "bench" / "results" / "fusion_network_cases.jsonl")) == 320
+
+
+def test_refit_script_measures_refits_and_reports_without_touching_the_shipped_files(
+    tmp_path: Path,
+) -> None:
+    """bench/refit_fusion.sh end to end on a few cases, its outputs redirected: network
+    records of the shipped bundle for the test and training seeds, fusion weights
+    fitted on them, the ablation and the report bench; the shipped files are
+    unchanged."""
+    import hashlib
+    import os
+
+    shipped = [
+        ROOT / "models" / "fusion_weights" / "fusion.json",
+        *(ROOT / "bench" / "results" / n for n in ("fusion_ablation.json", "report_quality.json")),
+    ]
+
+    def digest() -> list[str]:
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in shipped]
+
+    before = digest()
+    results, weights = tmp_path / "results", tmp_path / "fusion.json"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "WORK": str(tmp_path / "work"),
+        "RESULTS": str(results),
+        "WEIGHTS": str(weights),
+        "CASES_TEST": "6",
+        "CASES_TRAIN": "4",
+        "CASES_REPORT": "2",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "refit_fusion.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert digest() == before
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fusion_network_cases import load_cases
+
+    test = load_cases(results / "fusion_network_cases.jsonl")
+    train = load_cases(results / "fusion_train_network_cases.jsonl")
+    assert [r["seed"] for r in test] == list(range(700_000, 700_006))
+    assert [r["seed"] for r in train] == list(range(710_000, 710_004))
+    assert load_cases(results / "report_network_cases.jsonl") == test[:2]
+    model = FusionModel.load(weights)
+    assert model.meta["network_features_from"] == sorted({test[0]["model"]})
+    assert json.loads((results / "fusion_ablation.json").read_text())["cases"] == 6
+    report = json.loads((results / "report_quality.json").read_text())
+    assert report["headline_findings_source"] == "network" and report["cases"] == 2
