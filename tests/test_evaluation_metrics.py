@@ -356,3 +356,8 @@ def test_lesion_figures_in_their_boxes_equal_the_whole_volume_figures() -> None:
     ref_c = np.argwhere(ref == 1).mean(axis=0)
     expected = np.linalg.norm(affine[:3, :3] @ (centroid - ref_c))
     assert pair.distance_mm == pytest.approx(expected, rel=1e-12)
+    from models.evaluation.detection import lesion_diameters_mm
+
+    assert lesion_diameters_mm(ref, affine) == pytest.approx(
+        [longest_axial_diameter_mm(ref == i, affine) for i in (1, 2, 3)], rel=1e-12
+    )

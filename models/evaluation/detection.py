@@ -28,6 +28,16 @@ from models.measure import lesion_instances, long_axis_mm
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
+def lesion_diameters_mm(
+    labels: npt.NDArray[np.int32], affine: npt.NDArray[np.float64]
+) -> list[float]:
+    """:func:`longest_axial_diameter_mm` of each instance of ``labels`` in number order,
+    each read in its box."""
+    return [
+        longest_axial_diameter_mm(labels[b] == i, affine) for i, b in lesion_boxes(labels).items()
+    ]
+
+
 def longest_axial_diameter_mm(
     mask: npt.NDArray[np.bool_], affine: npt.NDArray[np.float64]
 ) -> float:
@@ -82,8 +92,8 @@ def match_lesions(
     vox_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
     # every lesion is looked at in its own box (whole-volume passes per lesion took
     # minutes on a 600-slice series with ten lesions)
-    p_box = _boxes(pred)
-    r_box = _boxes(ref)
+    p_box = lesion_boxes(pred)
+    r_box = lesion_boxes(ref)
     p_ids, r_ids = sorted(p_box), sorted(r_box)
     p_cent = {i: centroid_lps(pred[b] == i, _shifted(affine, b)) for i, b in p_box.items()}
     r_cent = {i: centroid_lps(ref[b] == i, _shifted(affine, b)) for i, b in r_box.items()}
@@ -150,8 +160,9 @@ def match_lesions(
     return out
 
 
-def _boxes(labels: npt.NDArray[np.int32]) -> dict[int, tuple[slice, ...]]:
-    """Each instance present in ``labels`` and its box (one pass over the volume)."""
+def lesion_boxes(labels: npt.NDArray[np.int32]) -> dict[int, tuple[slice, ...]]:
+    """Each instance present in ``labels`` (instance numbers, 0 = none) and its box, in
+    the order of the numbers (one pass over the volume)."""
     from scipy import ndimage
 
     return {i + 1: box for i, box in enumerate(ndimage.find_objects(labels)) if box is not None}

@@ -22,7 +22,7 @@ from models.evaluation.dataset import CaseMasks, EvaluationSet
 from models.evaluation.detection import (
     CaseDetection,
     froc,
-    longest_axial_diameter_mm,
+    lesion_diameters_mm,
     match_lesions,
 )
 from models.evaluation.segmentation import compare_masks
@@ -254,10 +254,7 @@ def evaluate_report_texts(ref: EvaluationSet, res: EvaluationSet, opt: Options) 
             diam: list[float] = []
             m = res.masks.get(case_id)
             if m is not None and m.lesions is not None:
-                inst = lesion_instances(m.lesions)
-                diam = [
-                    longest_axial_diameter_mm(inst == i, m.affine) for i in np.unique(inst) if i > 0
-                ]
+                diam = lesion_diameters_mm(lesion_instances(m.lesions), m.affine)
             if probs or diam:
                 structured = structured_from(probs, diam, opt.threshold)
         pairs.append(ReportPair(case_id, res.reports[case_id], ref.reports[case_id], structured))
