@@ -37,11 +37,23 @@ class SegmentationInputError(ValueError):
 
 
 def _pair(pred: npt.ArrayLike, ref: npt.ArrayLike) -> tuple[BoolMask, BoolMask]:
-    p = np.asarray(pred).astype(bool)
-    r = np.asarray(ref).astype(bool)
+    p = np.asarray(pred, dtype=bool)  # no copy of a boolean mask
+    r = np.asarray(ref, dtype=bool)
     if p.shape != r.shape:
         raise SegmentationInputError(f"prediction shape {p.shape} != reference shape {r.shape}")
     return p, r
+
+
+def _cropped_pair(pred: npt.ArrayLike, ref: npt.ArrayLike) -> tuple[BoolMask, BoolMask]:
+    """Both masks cut to the smallest box that holds either (unchanged when both are
+    empty). Every figure of :func:`compare_masks` is the same on that box: outside it
+    both masks are empty, surfaces are found by erosion with an empty border, and
+    centroids enter only as their difference."""
+    p, r = _pair(pred, ref)
+    found = ndimage.find_objects((p | r).view(np.uint8))
+    if not found or found[0] is None:
+        return p, r
+    return p[found[0]], r[found[0]]
 
 
 def dice(pred: npt.ArrayLike, ref: npt.ArrayLike) -> float:
@@ -151,8 +163,9 @@ def compare_masks(
     pred: npt.ArrayLike, ref: npt.ArrayLike, affine: npt.NDArray[np.float64]
 ) -> dict[str, float]:
     """Every per-structure figure: Dice, IoU, HD95, HD, ASSD (mm), centroid error (mm),
-    predicted and reference volume (ml) and the volume error (ml, and % of reference)."""
-    p, r = _pair(pred, ref)
+    predicted and reference volume (ml) and the volume error (ml, and % of reference).
+    Both masks are read in the box that holds them (:func:`_cropped_pair`)."""
+    p, r = _cropped_pair(pred, ref)
     vox_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
     sm = surface_metrics(p, r, spacing_of(affine))
     v_p = float(p.sum()) * vox_ml
