@@ -60,7 +60,7 @@ from models.findings import (
     Provenance,
     ReportSentence,
 )
-from models.measure import LesionEdge, measure_lesions, measure_organ
+from models.measure import LesionEdge, lesion_boxes, measure_lesions, measure_organ
 from models.phase import estimate_phase
 from models.vocab import ContrastPhase, Organ
 from models.volume import Volume
@@ -738,8 +738,7 @@ def segment_array(
     masks = {
         organ: np.ascontiguousarray(organ_src == ch) for organ, ch in bundle.organ_channels.items()
     }
-    # lesions the nearest-neighbour resampling kept (find_objects: one pass, no sort)
-    present = {i + 1 for i, box in enumerate(ndimage.find_objects(inst_src)) if box is not None}
+    present = set(lesion_boxes(inst_src))  # the lesions the nearest-neighbour resampling kept
     lesion_organs = {n: o for n, o in lesion_organs.items() if n in present}
     lesion_conf = {n: c for n, c in lesion_conf.items() if n in present}
     return Segmentation(

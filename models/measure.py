@@ -127,6 +127,12 @@ def _intensity(
     return float(values.mean()), float(values.std())
 
 
+def lesion_boxes(labels: npt.NDArray[Any]) -> dict[int, tuple[slice, ...]]:
+    """Each instance present in ``labels`` (integer instance numbers, 0 = none) and its
+    box, in the order of the numbers (one pass over the volume)."""
+    return {i + 1: box for i, box in enumerate(ndimage.find_objects(labels)) if box is not None}
+
+
 def mask_box(mask: BoolMask) -> tuple[slice, ...] | None:
     """The smallest box that holds every voxel of ``mask``; None for an empty mask."""
     found = ndimage.find_objects(np.asarray(mask, dtype=bool).view(np.uint8))
@@ -510,14 +516,10 @@ def measure_lesions(
     instances = lesion_instances(lesions, min_voxels=min_voxels)
     mod = modality if modality is not None else str(getattr(grid, "modality", ""))
     out: list[LesionFinding] = []
-    objects = ndimage.find_objects(instances)
     # the default sub-site finder builds each organ's frame once for all the lesions
     frames: dict[Organ, LiverFrame | PancreasFrame | AnatomyError] = {}
     affine = np.asarray(grid.affine, dtype=np.float64)
-    for idx, box in enumerate(objects):
-        if box is None:
-            continue
-        number = idx + 1
+    for number, box in lesion_boxes(instances).items():
         # the lesion's full-size mask (it travels in the findings), filled in its box
         m = np.zeros(instances.shape, dtype=bool)
         m[box] = instances[box] == number

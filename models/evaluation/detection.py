@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.evaluation.segmentation import centroid_lps, compare_masks
-from models.measure import lesion_instances, long_axis_mm
+from models.measure import lesion_boxes, lesion_instances, long_axis_mm
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -158,14 +158,6 @@ def match_lesions(
             )
             out.per_lesion.append(figures)
     return out
-
-
-def lesion_boxes(labels: npt.NDArray[np.int32]) -> dict[int, tuple[slice, ...]]:
-    """Each instance present in ``labels`` (instance numbers, 0 = none) and its box, in
-    the order of the numbers (one pass over the volume)."""
-    from scipy import ndimage
-
-    return {i + 1: box for i, box in enumerate(ndimage.find_objects(labels)) if box is not None}
 
 
 def _union_box(
