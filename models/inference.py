@@ -562,10 +562,11 @@ def drop_inconspicuous(
     (:class:`models.bundle.LesionRefine` ``min_conspicuity``): those whose median
     differs from the median of a ring of their organ 2-3 voxels around them by less
     than ``min_conspicuity`` robust standard deviations (1.4826 x the median absolute
-    deviation) of that ring. A lesion with fewer than 5 ring voxels is kept (nothing
-    to compare with), and so is a lesion of an organ whose channel is not in
-    ``channels`` (None: every organ). Their voxels stay in the organ ``organ_labels``
-    folded them into. Returns the numbers removed."""
+    deviation) of that ring (:func:`conspicuity`). A lesion with fewer than 5 ring
+    voxels, or a ring without spread, is kept (nothing to compare with), and so is a
+    lesion of an organ whose channel is not in ``channels`` (None: every organ). Their
+    voxels stay in the organ ``organ_labels`` folded them into. Returns the numbers
+    removed."""
     dropped: list[int] = []
     for idx, found in enumerate(ndimage.find_objects(instances)):
         if found is None:
@@ -579,20 +580,35 @@ def drop_inconspicuous(
         if channels is not None and int(ch) not in channels:
             continue
         organ = (labels_b == ch) & (inst_b == 0)
-        ring = (
-            ndimage.binary_dilation(m, iterations=3)
-            & ~ndimage.binary_dilation(m, iterations=1)
-            & organ
-        )
-        if ring.sum() < 5:
-            continue
-        img = np.asarray(image[box], dtype=np.float32)
-        bg = float(np.median(img[ring]))
-        noise = 1.4826 * float(np.median(np.abs(img[ring] - bg)))
-        if abs(float(np.median(img[m])) - bg) < min_conspicuity * noise:
+        z = conspicuity(image[box], m, organ)
+        if z is not None and abs(z) < min_conspicuity:
             inst_b[m] = 0
             dropped.append(number)
     return dropped
+
+
+def conspicuity(
+    image: npt.NDArray[Any], lesion: npt.NDArray[np.bool_], organ: npt.NDArray[np.bool_]
+) -> float | None:
+    """How far a lesion stands out from its organ: the median of ``image`` in ``lesion``
+    minus the median of a ring of ``organ`` voxels 2-3 voxels around it, in robust
+    standard deviations of that ring (1.4826 x the median absolute deviation; signed:
+    negative for a darker lesion). None with fewer than 5 ring voxels or a ring
+    without spread (nothing to compare with). The arrays are one box; ``organ`` should
+    exclude every lesion."""
+    ring = (
+        ndimage.binary_dilation(lesion, iterations=3)
+        & ~ndimage.binary_dilation(lesion, iterations=1)
+        & organ
+    )
+    if ring.sum() < 5:
+        return None
+    img = np.asarray(image, dtype=np.float32)
+    bg = float(np.median(img[ring]))
+    noise = 1.4826 * float(np.median(np.abs(img[ring] - bg)))
+    if noise == 0.0:
+        return None
+    return (float(np.median(img[lesion])) - bg) / noise
 
 
 def number_by_size(instances: npt.NDArray[np.int32]) -> dict[int, int]:

@@ -396,3 +396,66 @@ def test_drop_inconspicuous_removes_only_lesions_the_image_does_not_show() -> No
     assert drop_inconspicuous(image, kept, organ_labels, 0.5, channels={PANCREAS}) == []
     assert (kept == inst).all()
     assert drop_inconspicuous(image, work, organ_labels, 0.5, channels={LIVER}) == [3]
+
+
+def test_conspicuity_is_the_signed_distance_in_robust_sd_of_the_ring() -> None:
+    """models.inference.conspicuity (drop_inconspicuous's measure and
+    bench/lesion_conspicuity.py's): median difference over the ring's robust SD, signed;
+    None without 5 ring voxels or without spread in the ring."""
+    from models.inference import conspicuity
+
+    rng = np.random.default_rng(8)
+    image = rng.normal(100.0, 10.0, (9, 30, 30)).astype(np.float32)
+    lesion = np.zeros(image.shape, dtype=bool)
+    lesion[3:6, 12:18, 12:18] = True
+    organ = ~lesion
+    image[lesion] -= 25.0
+    z = conspicuity(image, lesion, organ)
+    assert z is not None and -3.2 < z < -1.8  # about -2.5 robust SD
+    image[lesion] += 50.0
+    z = conspicuity(image, lesion, organ)
+    assert z is not None and 1.8 < z < 3.2
+    assert conspicuity(image, lesion, np.zeros(image.shape, dtype=bool)) is None
+    assert conspicuity(np.full(image.shape, 7.0, np.float32), lesion, organ) is None
+
+
+def test_lesion_conspicuity_bench_counts_every_reference_lesion(tmp_path: Path) -> None:
+    """bench/lesion_conspicuity.py on two synthetic cases with the shipped bundle: every
+    reference lesion >= 10 mm is listed once, with its conspicuity on the reference
+    masks, and the summary's counts add up to the list."""
+    import subprocess
+    import sys
+
+    from node.cli import main
+
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "-n", "2", "--seed", "1001", "--shape", "80", "144",
+                 "144", "--spacing", "4", "2.5", "2.5", "--no-dicom"]) == 0  # fmt: skip
+    out = tmp_path / "conspicuity.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "bench" / "lesion_conspicuity.py"),
+            str(data),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    truths = [json.loads(p.read_text()) for p in sorted(data.glob("cases/*/truth.json"))]
+    big = [les for t in truths for les in t["lesions"] if les["diameter_mm"] >= 10.0]
+    assert len(big) >= 3 and len(result["lesions"]) == len(big)
+    summary = result["datasets"]["synth"]
+    assert summary["lesions_10mm"] == len(big) == summary["found"] + summary["missed"]
+    for key, found in (("missed_by_abs_conspicuity", False), ("found_by_abs_conspicuity", True)):
+        listed = [x for x in result["lesions"] if x["found"] is found]
+        assert sum(summary[key].values()) == len(listed)
+        assert all(x["conspicuity"] is not None for x in listed)
+    # a simple cyst stands out by several robust SD, darker than the liver
+    cysts = [x for x in result["lesions"] if x["disease"] == "simple_cyst"]
+    assert cysts and all(x["conspicuity"] < -2.0 for x in cysts)
