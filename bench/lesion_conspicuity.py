@@ -61,11 +61,13 @@ def dataset_lesions(dataset: Path, bundle: Any, net: Any) -> list[dict[str, Any]
         found = {m.ref for m in det.matches}
         boxes = lesion_boxes(lesions)
         for les in truth.lesions:
-            if les.diameter_mm < 10.0 or les.number not in boxes:
+            if les.diameter_mm < 10.0:
                 continue
-            box = _padded_box(boxes[les.number], lesions.shape, 4)
-            organ = (organs[box] == LABEL_OF_ORGAN[les.organ]) & (lesions[box] == 0)
-            z = conspicuity(np.asarray(image)[box], lesions[box] == les.number, organ)
+            z = None  # a lesion without voxels in the mask is listed, without a measure
+            if les.number in boxes:
+                box = _padded_box(boxes[les.number], lesions.shape, 4)
+                organ = (organs[box] == LABEL_OF_ORGAN[les.organ]) & (lesions[box] == 0)
+                z = conspicuity(np.asarray(image)[box], lesions[box] == les.number, organ)
             out.append(
                 {
                     "dataset": dataset.name,
