@@ -38,7 +38,7 @@ from model_quality import _volume
 from models.bundle import load_bundle
 from models.case import CaseTruth
 from models.evaluation.detection import match_lesions
-from models.inference import _padded_box, conspicuity, segment
+from models.inference import conspicuity, padded_box, segment
 from models.measure import lesion_boxes
 from models.nifti import load_nifti_krc
 from models.synthetic.labels import LABEL_OF_ORGAN
@@ -65,7 +65,7 @@ def dataset_lesions(dataset: Path, bundle: Any, net: Any) -> list[dict[str, Any]
                 continue
             z = None  # a lesion without voxels in the mask is listed, without a measure
             if les.number in boxes:
-                box = _padded_box(boxes[les.number], lesions.shape, 4)
+                box = padded_box(boxes[les.number], lesions.shape, 4)
                 organ = (organs[box] == LABEL_OF_ORGAN[les.organ]) & (lesions[box] == 0)
                 z = conspicuity(np.asarray(image)[box], lesions[box] == les.number, organ)
             out.append(

@@ -60,7 +60,7 @@ from models.findings import (
     Provenance,
     ReportSentence,
 )
-from models.measure import LesionEdge, lesion_boxes, measure_lesions, measure_organ
+from models.measure import LesionEdge, lesion_boxes, mask_box, measure_lesions, measure_organ
 from models.phase import estimate_phase
 from models.vocab import ContrastPhase, Organ
 from models.volume import Volume
@@ -259,9 +259,9 @@ def labels_from_probs(probs: torch.Tensor, bundle: Bundle) -> npt.NDArray[np.uin
 def _fill_holes(out: npt.NDArray[np.uint8], ch: int) -> None:
     """Background enclosed by organ ``ch`` joins it: in 3-D, then in each axial slice."""
     m = out == ch
-    if not m.any():
+    box = mask_box(m)
+    if box is None:
         return
-    box = ndimage.find_objects(m.astype(np.uint8))[0]
     sub, mb = out[box], m[box]
     filled = ndimage.binary_fill_holes(mb)
     for k in range(filled.shape[0]):
@@ -328,7 +328,7 @@ def postprocess(
             found = boxes[idx]
             if sizes[lab] < min_voxels or found is None:
                 continue
-            box = _padded_box(found, comp.shape, 2)
+            box = padded_box(found, comp.shape, 2)
             m = comp[box] == lab
             if seed is not None and float(lesion_prob[box][m].max()) < seed:
                 continue  # no voxel the network is confident about: not reported
@@ -353,12 +353,10 @@ def _split_each(
 ) -> Iterator[tuple[int, tuple[slice, ...], npt.NDArray[np.bool_], npt.NDArray[np.int32], int]]:
     """For each label of ``labels`` in order: its number, box, mask in the box and its
     split (:func:`split_lesion_component`: parts and their count)."""
-    for idx, box in enumerate(ndimage.find_objects(labels)):
-        if box is None:
-            continue
-        m = labels[box] == idx + 1
+    for number, box in lesion_boxes(labels).items():
+        m = labels[box] == number
         parts, k = split_lesion_component(m, spacing_mm, h_mm)
-        yield idx + 1, box, m, parts, k
+        yield number, box, m, parts, k
 
 
 def _split_components(
@@ -373,7 +371,7 @@ def _split_components(
     return out, total
 
 
-def _padded_box(found: tuple[slice, ...], shape: Sequence[int], pad: int) -> tuple[slice, ...]:
+def padded_box(found: tuple[slice, ...], shape: Sequence[int], pad: int) -> tuple[slice, ...]:
     """``found`` (a :func:`scipy.ndimage.find_objects` box) widened by ``pad`` voxels on
     each side, within an array of ``shape``."""
     return tuple(
@@ -424,10 +422,10 @@ def refine_lesion(
     outline grows only into them, never takes another lesion's voxels and keeps only
     the parts connected to the lesion's core."""
     m = instances == number
-    boxes = ndimage.find_objects(m.astype(np.uint8))
-    if not boxes or boxes[0] is None:
+    found = mask_box(m)
+    if found is None:
         return None
-    box = _padded_box(boxes[0], m.shape, params.grow_voxels + 4)
+    box = padded_box(found, m.shape, params.grow_voxels + 4)
     mb = m[box]
     img = np.asarray(image[box], dtype=np.float32)
     if params.smooth_voxels > 0:
@@ -492,12 +490,9 @@ def refine_lesions(
     labels = organ_labels.copy()
     edges: dict[int, LesionEdge] = {}
     pad = params.grow_voxels + 4  # refine_lesion's own margin: the same box inside
-    for idx, found in enumerate(ndimage.find_objects(inst)):
-        if found is None:
-            continue
-        number = idx + 1
+    for number, found in lesion_boxes(inst).items():
         # each lesion is worked on in its box, never over the whole volume
-        box = _padded_box(found, inst.shape, pad)
+        box = padded_box(found, inst.shape, pad)
         inst_b, labels_b = inst[box], labels[box]
         old = inst_b == number
         ch = np.bincount(labels_b[old].ravel()).argmax()
@@ -568,11 +563,8 @@ def drop_inconspicuous(
     voxels stay in the organ ``organ_labels`` folded them into. Returns the numbers
     removed."""
     dropped: list[int] = []
-    for idx, found in enumerate(ndimage.find_objects(instances)):
-        if found is None:
-            continue
-        number = idx + 1
-        box = _padded_box(found, instances.shape, 4)
+    for number, found in lesion_boxes(instances).items():
+        box = padded_box(found, instances.shape, 4)
         inst_b = instances[box]
         m = inst_b == number
         labels_b = np.asarray(organ_labels[box])
@@ -619,19 +611,14 @@ def number_by_size(instances: npt.NDArray[np.int32]) -> dict[int, int]:
     numbers are already so, nothing is written. Each lesion is counted and relabelled
     in its own box: no pass over the whole volume but the one that finds the boxes
     (a bincount of a 600-slice volume takes seconds), no second volume-sized array."""
-    boxes = ndimage.find_objects(instances)
-    sizes = {
-        i + 1: int(np.count_nonzero(instances[box] == i + 1))
-        for i, box in enumerate(boxes)
-        if box is not None
-    }
+    boxes = lesion_boxes(instances)
+    sizes = {n: int(np.count_nonzero(instances[box] == n)) for n, box in boxes.items()}
     order = sorted(sizes, key=lambda n: (-sizes[n], n))
     mapping = {old: new for new, old in enumerate(order, start=1)}
     moved = [old for old, new in mapping.items() if old != new]
     # every mask is taken before any is written: a box may hold another lesion's voxels
-    masks = [(mapping[old], boxes[old - 1], instances[boxes[old - 1]] == old) for old in moved]
+    masks = [(mapping[old], boxes[old], instances[boxes[old]] == old) for old in moved]
     for new, box, m in masks:
-        assert box is not None
         instances[box][m] = new
     return mapping
 
