@@ -239,6 +239,82 @@ class LesionRefine:
 
 
 @dataclass(frozen=True)
+class FocalSearch:
+    """Look, inside the organs named, for distinct focal areas the network did not mark
+    as lesion (``postprocess.focal_search``; :func:`models.inference.find_focal_lesions`).
+
+    The image is averaged to a grid of about ``grid_mm`` and smoothed by a Gaussian of
+    ``smooth_mm`` within the organ (its holes filled); a voxel at least ``edge_mm`` inside
+    the organ stands out when it lies at least ``min_z`` robust standard deviations of the
+    smoothed organ (1.4826 x the median absolute deviation, lesions left out) from the
+    organ's median, brighter or darker. Those voxels are opened by a ball of ``open_mm``
+    (which cuts the vessels and ducts that touch a lesion away from it), and a piece
+    becomes a lesion when the largest ball it holds has a radius of at least
+    ``min_inscribed_mm`` and it fills at least ``min_fill`` of the sphere as wide as its
+    longest extent along the grid's axes: a compact area, not a vessel or a fissure.
+    Voxels the network gave another organ are never taken. Found lesions then go
+    through ``lesion_refine`` like the network's.
+    """
+
+    organs: tuple[str, ...] = ("liver",)
+    min_z: float = 4.0
+    min_inscribed_mm: float = 6.0
+    min_fill: float = 0.3
+    smooth_mm: float = 2.5
+    open_mm: float = 3.0
+    edge_mm: float = 3.0
+    grid_mm: float = 2.5
+
+    def __post_init__(self) -> None:
+        if not self.organs or not all(isinstance(x, str) for x in self.organs):
+            raise BundleError("postprocess focal_search.organs must be a list of organ names")
+        for name in ("min_z", "min_inscribed_mm", "smooth_mm", "grid_mm"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise BundleError(f"postprocess focal_search.{name} must be a number > 0")
+        for name in ("open_mm", "edge_mm", "min_fill"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise BundleError(f"postprocess focal_search.{name} must be a number >= 0")
+
+    @classmethod
+    def from_json(cls, data: Any) -> FocalSearch:
+        if not isinstance(data, Mapping):
+            raise BundleError("postprocess focal_search must be a JSON object")
+        fields = {
+            "organs",
+            "min_z",
+            "min_inscribed_mm",
+            "min_fill",
+            "smooth_mm",
+            "open_mm",
+            "edge_mm",
+            "grid_mm",
+        }
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise BundleError(f"postprocess focal_search: unknown field(s) {', '.join(unknown)}")
+        values = dict(data)
+        if "organs" in values:
+            if not isinstance(values["organs"], list):
+                raise BundleError("postprocess focal_search.organs must be a list of organ names")
+            values["organs"] = tuple(values["organs"])
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "organs": list(self.organs),
+            "min_z": self.min_z,
+            "min_inscribed_mm": self.min_inscribed_mm,
+            "min_fill": self.min_fill,
+            "smooth_mm": self.smooth_mm,
+            "open_mm": self.open_mm,
+            "edge_mm": self.edge_mm,
+            "grid_mm": self.grid_mm,
+        }
+
+
+@dataclass(frozen=True)
 class PostProcess:
     """How probabilities become labels (``hpb_node.postprocess`` in ``configs/metadata.json``;
     absent: the plain argmax).
@@ -256,6 +332,8 @@ class PostProcess:
     the saddle between them (None: components are not split).
     ``lesion_refine``: redraw each lesion's outline on the source grid where the image
     shows it (:class:`LesionRefine`; None: the network's outline, resampled, is kept).
+    ``focal_search``: add the distinct focal areas inside the named organs that the
+    network did not mark (:class:`FocalSearch`; None: only the network's lesions).
     """
 
     lesion_threshold: float | None = None
@@ -264,6 +342,7 @@ class PostProcess:
     fill_holes: tuple[str, ...] = ()
     lesion_split_mm: float | None = None
     lesion_refine: LesionRefine | None = None
+    focal_search: FocalSearch | None = None
 
     def __post_init__(self) -> None:
         named = [("lesion_threshold", self.lesion_threshold)]
@@ -287,6 +366,7 @@ class PostProcess:
             "fill_holes",
             "lesion_split_mm",
             "lesion_refine",
+            "focal_search",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -316,6 +396,16 @@ class PostProcess:
                 f"postprocess lesion_refine.conspicuity_organs: not an organ channel: "
                 f"{', '.join(bad)}"
             )
+        focal = (
+            FocalSearch.from_json(data["focal_search"])
+            if data.get("focal_search") is not None
+            else None
+        )
+        bad = sorted(set(focal.organs if focal else ()) - organs)
+        if bad:
+            raise BundleError(
+                f"postprocess focal_search.organs: not an organ channel: {', '.join(bad)}"
+            )
         return cls(
             lesion_threshold=data.get("lesion_threshold"),
             lesion_seed_threshold=data.get("lesion_seed_threshold"),
@@ -323,6 +413,7 @@ class PostProcess:
             fill_holes=tuple(fill),
             lesion_split_mm=data.get("lesion_split_mm"),
             lesion_refine=refine,
+            focal_search=focal,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -338,6 +429,8 @@ class PostProcess:
             out["lesion_split_mm"] = self.lesion_split_mm
         if self.lesion_refine is not None:
             out["lesion_refine"] = self.lesion_refine.to_json()
+        if self.focal_search is not None:
+            out["focal_search"] = self.focal_search.to_json()
         return out
 
 

@@ -51,7 +51,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from models.bundle import Bundle, IntensityNorm, LesionRefine
+from models.bundle import Bundle, FocalSearch, IntensityNorm, LesionRefine
 from models.findings import (
     ClinicalValue,
     Diagnosis,
@@ -215,6 +215,8 @@ class Segmentation:
     lesion_edges: dict[int, LesionEdge] = field(default_factory=dict)
     # lesions the network marked that the image does not show (LesionRefine.min_conspicuity)
     lesions_not_distinct: int = 0
+    # lesions the focal search (PostProcess.focal_search) added where the network saw none
+    lesions_found_by_search: tuple[int, ...] = ()
 
 
 def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -480,9 +482,11 @@ def refine_lesions(
     organ_labels: npt.NDArray[Any],
     spacing_mm: Sequence[float],
     params: LesionRefine,
+    *,
+    only: Collection[int] | None = None,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[Any], dict[int, LesionEdge]]:
-    """Every lesion of ``instances`` refined (:func:`refine_lesion`) within the organ it
-    was folded into, in order of number;
+    """Every lesion of ``instances`` (or those numbered in ``only``) refined
+    (:func:`refine_lesion`) within the organ it was folded into, in order of number;
     voxels a lesion gains join its organ in ``organ_labels`` (channel numbers) and
     voxels it gives up return to the organ around it. Returns both, updated copies,
     and the edge level of each refined lesion by number."""
@@ -491,6 +495,8 @@ def refine_lesions(
     edges: dict[int, LesionEdge] = {}
     pad = params.grow_voxels + 4  # refine_lesion's own margin: the same box inside
     for number, found in lesion_boxes(inst).items():
+        if only is not None and number not in only:
+            continue
         # each lesion is worked on in its box, never over the whole volume
         box = padded_box(found, inst.shape, pad)
         inst_b, labels_b = inst[box], labels[box]
@@ -603,6 +609,106 @@ def conspicuity(
     return (float(np.median(img[lesion])) - bg) / noise
 
 
+#: Confidence given to a lesion the focal search found: the rule has no probability,
+#: and this puts such lesions below the network's confident ones in a FROC sweep.
+FOCAL_SEARCH_CONFIDENCE = 0.5
+
+
+def _block_mean(a: npt.NDArray[Any], stride: Sequence[int]) -> npt.NDArray[np.float32]:
+    """``a`` averaged over blocks of ``stride`` voxels (edges padded by repetition)."""
+    pad = [(0, (-n) % s) for n, s in zip(a.shape, stride, strict=True)]
+    b = np.pad(np.asarray(a, dtype=np.float32), pad, mode="edge")
+    k, r, c = (n // s for n, s in zip(b.shape, stride, strict=True))
+    blocks = b.reshape(k, stride[0], r, stride[1], c, stride[2])
+    out: npt.NDArray[np.float32] = blocks.mean(axis=(1, 3, 5))
+    return out
+
+
+def find_focal_lesions(
+    image: npt.NDArray[Any],
+    instances: npt.NDArray[np.int32],
+    organ_labels: npt.NDArray[Any],
+    spacing_mm: Sequence[float],
+    rule: FocalSearch,
+    channel: int,
+) -> list[int]:
+    """Add **in place** to ``instances`` (and to ``organ_labels``, as ``channel``) the
+    distinct focal areas inside organ ``channel`` that no lesion covers
+    (:class:`models.bundle.FocalSearch`); an area within two grid voxels of a lesion is
+    part of that lesion and is left to it. New lesions are numbered after the highest;
+    returns their numbers. Everything is done in the organ's box, on a grid of about
+    ``rule.grid_mm`` (block means); each area's outline is where its smoothed difference
+    from the organ falls to half its peak, drawn back on the source grid only where the
+    network left background or the organ."""
+    organ = organ_labels == channel
+    found = mask_box(organ)
+    if found is None:
+        return []
+    box = padded_box(found, organ.shape, 1)
+    sp = np.asarray(spacing_mm, dtype=np.float64)
+    stride = [max(1, int(np.floor(rule.grid_mm / d + 0.5))) for d in sp]
+    sp_c = sp * np.asarray(stride)
+    labels_b = np.asarray(organ_labels[box])
+    inst_b = instances[box]
+    organ_c = ndimage.binary_fill_holes(_block_mean(organ[box], stride) >= 0.5)
+    lesion_c = _block_mean(inst_b > 0, stride) > 0
+    other_c = _block_mean((labels_b != channel) & (labels_b != 0), stride) >= 0.5
+    img_c = _block_mean(image[box], stride)
+    near_lesion = ndimage.binary_dilation(lesion_c, iterations=2)
+    tissue = organ_c & ~near_lesion
+    inner = ndimage.distance_transform_edt(organ_c, sampling=sp_c) > rule.edge_mm
+    # the organ's own smoothing: what lies outside it does not bleed in
+    sigma = rule.smooth_mm / sp_c
+    weight = ndimage.gaussian_filter(organ_c.astype(np.float32), sigma)
+    smooth = ndimage.gaussian_filter(np.where(organ_c, img_c, 0.0).astype(np.float32), sigma)
+    smooth = np.divide(smooth, weight, out=np.zeros_like(smooth), where=weight > 0.05)
+    ref = smooth[tissue & inner]
+    if ref.size < 50:
+        return []
+    median = float(np.median(ref))
+    spread = 1.4826 * float(np.median(np.abs(ref - median)))
+    if spread == 0.0:
+        return []
+    diff = np.abs(smooth - median)
+    out_c = (diff >= rule.min_z * spread) & organ_c & ~lesion_c & ~other_c
+    if rule.open_mm > 0 and out_c.any():
+        core = ndimage.distance_transform_edt(out_c, sampling=sp_c) > rule.open_mm
+        out_c &= ndimage.distance_transform_edt(~core, sampling=sp_c) <= rule.open_mm + 1e-6
+    pieces, n = ndimage.label(out_c)
+    if n == 0:
+        return []
+    # back to the source grid: each source voxel reads the block it fell in
+    index = np.ix_(
+        *(np.arange(length) // s for length, s in zip(inst_b.shape, stride, strict=True))
+    )
+    free = (inst_b == 0) & ((labels_b == channel) | (labels_b == 0))
+    number = int(instances.max()) + 1
+    added: list[int] = []
+    for i, piece_box in enumerate(ndimage.find_objects(pieces), start=1):
+        if piece_box is None:
+            continue
+        piece = np.pad(pieces[piece_box] == i, 1)
+        if (near_lesion[piece_box] & piece[1:-1, 1:-1, 1:-1]).any():
+            continue  # part of a lesion the network marked: that lesion is reported
+        if ndimage.distance_transform_edt(piece, sampling=sp_c).max() < rule.min_inscribed_mm:
+            continue
+        widest = max((b.stop - b.start) * d for b, d in zip(piece_box, sp_c, strict=True))
+        if np.count_nonzero(piece) * float(np.prod(sp_c)) < rule.min_fill * np.pi / 6 * widest**3:
+            continue
+        # the outline at half the area's peak difference from the organ (the smoothing
+        # widens it); lesion_refine then redraws it on the source grid
+        within = pieces == i
+        within &= diff >= 0.5 * float(np.percentile(diff[within], 95))
+        full = within[index] & free
+        if not full.any():
+            continue
+        inst_b[full] = number
+        labels_b[full] = channel
+        added.append(number)
+        number += 1
+    return added
+
+
 def number_by_size(instances: npt.NDArray[np.int32]) -> dict[int, int]:
     """Renumber lesion ``instances`` **in place** 1..n by decreasing voxel count (ties:
     the lower number first), as :func:`postprocess` numbers them before refinement
@@ -702,11 +808,14 @@ def segment_array(
     organ_canon = resample_labels(organ_map, canon_shape)
     inst_canon = resample_labels(inst, canon_shape)
     refine = bundle.postprocess.lesion_refine
+    focal = bundle.postprocess.focal_search
     edges: dict[int, LesionEdge] = {}
     inconspicuous = 0
-    if refine is not None and inst_canon.any():
+    searched: list[int] = []  # lesions the focal search added, not the network
+    if focal is not None or (refine is not None and inst_canon.any()):
         canon_spacing = reo.spacing(affine)
         canon_image = reo.apply(array)
+    if refine is not None and inst_canon.any():
         inst_canon, organ_canon, edges = refine_lesions(
             canon_image, inst_canon, organ_canon, canon_spacing, refine
         )
@@ -730,12 +839,32 @@ def segment_array(
                 canon_image, inst_canon, organ_canon, refine.min_conspicuity, channels
             )
             inconspicuous = len(dropped)
-        # refinement changed sizes and dropped lesions, splitting added numbers after the
-        # highest: lesion 1 is again the largest, and the numbers run without gaps
+    if focal is not None:
+        # after the network's lesions are settled: one the image does not show must not
+        # hide a distinct area beside it
+        for organ, ch in bundle.organ_channels.items():
+            if organ.value not in focal.organs:
+                continue
+            for number in find_focal_lesions(
+                canon_image, inst_canon, organ_canon, canon_spacing, focal, ch
+            ):
+                lesion_organs[number] = organ
+                lesion_conf[number] = FOCAL_SEARCH_CONFIDENCE
+                searched.append(number)
+        if refine is not None and searched:
+            inst_canon, organ_canon, found_edges = refine_lesions(
+                canon_image, inst_canon, organ_canon, canon_spacing, refine, only=searched
+            )
+            edges.update(found_edges)
+    if searched or (refine is not None and inst_canon.any()):
+        # refinement changed sizes and dropped lesions, splitting and the focal search
+        # added numbers after the highest: lesion 1 is again the largest, and the numbers
+        # run without gaps
         renumber = number_by_size(inst_canon)
         lesion_organs = {renumber[n]: o for n, o in lesion_organs.items() if n in renumber}
         lesion_conf = {renumber[n]: c for n, c in lesion_conf.items() if n in renumber}
         edges = {renumber[n]: e for n, e in edges.items() if n in renumber}
+        searched = [renumber[n] for n in searched if n in renumber]
     organ_src = reo.invert(organ_canon)
     inst_src = np.ascontiguousarray(reo.invert(inst_canon))
     masks = {
@@ -752,6 +881,7 @@ def segment_array(
         organ_confidence=organ_conf,
         lesion_edges={n: e for n, e in edges.items() if n in present},
         lesions_not_distinct=inconspicuous,
+        lesions_found_by_search=tuple(sorted(n for n in searched if n in present)),
     )
 
 
@@ -837,6 +967,13 @@ def findings_from_segmentation(
             f"{seg.lesions_not_distinct} lesion(s) the network marked are not reported: "
             "their median differs from the organ around them by less than "
             f"{refine.min_conspicuity} robust standard deviations",
+        )
+    if seg.lesions_found_by_search:
+        numbers = ", ".join(str(n) for n in seg.lesions_found_by_search)
+        notes += (
+            f"lesion(s) {numbers} found by the focal search, not the network: areas of the "
+            "organ that stand out from it and that the network did not mark "
+            f"(confidence {FOCAL_SEARCH_CONFIDENCE} is a fixed value, not a probability)",
         )
     return Findings(
         organs=tuple(organs),

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from models.bundle import Bundle, LesionRefine, PostProcess, load_bundle
+from models.bundle import Bundle, FocalSearch, LesionRefine, PostProcess, load_bundle
 from models.findings import Diagnosis
 from models.inference import (
     NoModelForModality,
@@ -217,6 +217,45 @@ def test_analyse_findings_and_provenance(tiny: Bundle) -> None:
     )
     assert len(shown.lesions) == 1
     assert not any("network marked" in n for n in shown.provenance.notes)
+
+
+def test_analyse_reports_a_distinct_area_the_network_missed_and_says_so(tiny: Bundle) -> None:
+    """With ``postprocess.focal_search``, a ball 25 HU above the liver that the (fake)
+    network calls liver becomes a lesion, refined and measured like the network's; the
+    provenance says which lesion the search found and that its confidence is fixed."""
+    shape = (30, 72, 72)
+    img = np.full(shape, -1000.0, dtype=np.float32)
+    kk, rr, cc = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    img[2:28, 4:68, 4:68] = 60.0  # liver
+    img[(kk - 15) ** 2 * 4 + (rr - 18) ** 2 + (cc - 18) ** 2 <= 36] = 200.0  # marked
+    missed = ((kk - 15) * 2.0) ** 2 + ((rr - 46) * 1.5) ** 2 + ((cc - 46) * 1.5) ** 2 <= 12.0**2
+    img[missed] = 85.0  # nearer the liver's level than any other: the network says liver
+    img += np.random.default_rng(1).normal(0.0, 4.0, shape).astype(np.float32)
+    vol = _volume(img, AFFINES["axial_up"].astype(np.float64))
+    plain = analyse(vol, tiny, network=FakeIntensityNetwork())
+    assert len(plain.lesions) == 1
+    assert not any("focal search" in n for n in plain.provenance.notes)
+    searching = replace(
+        tiny,
+        postprocess=PostProcess(lesion_refine=LesionRefine(), focal_search=FocalSearch()),
+    )
+    seg = segment(vol, searching, network=FakeIntensityNetwork())
+    (number,) = seg.lesions_found_by_search
+    assert seg.lesion_organs[number] == Organ.LIVER
+    found = seg.lesion_instances == number
+    assert (found & missed).sum() / found.sum() > 0.8
+    assert (found & missed).sum() / missed.sum() > 0.7
+    f = analyse(vol, searching, network=FakeIntensityNetwork())
+    assert len(f.lesions) == 2
+    lesion = next(x for x in f.lesions if x.number == number)
+    assert lesion.confidence == 0.5
+    assert lesion.long_axis.length_mm == pytest.approx(24.0, abs=3.0)
+    assert lesion.mean_intensity == pytest.approx(85.0, abs=5.0)
+    assert (
+        f"lesion(s) {number} found by the focal search, not the network: areas of the "
+        "organ that stand out from it and that the network did not mark (confidence 0.5 "
+        "is a fixed value, not a probability)"
+    ) in f.provenance.notes
 
 
 def test_ultrasound_and_unknown_modalities_are_refused(tiny: Bundle) -> None:

@@ -14,10 +14,18 @@ import pytest
 import torch
 from scipy import ndimage
 
-from models.bundle import Bundle, BundleError, LesionRefine, PostProcess, load_bundle
+from models.bundle import (
+    Bundle,
+    BundleError,
+    FocalSearch,
+    LesionRefine,
+    PostProcess,
+    load_bundle,
+)
 from models.evaluation.detection import longest_axial_diameter_mm
 from models.inference import (
     drop_inconspicuous,
+    find_focal_lesions,
     labels_from_probs,
     number_by_size,
     postprocess,
@@ -171,6 +179,13 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
     refine = bundle.postprocess.lesion_refine
     assert refine is not None and refine.conspicuity_organs == ("liver",)
     assert bundle.postprocess.to_json() == post
+    post["focal_search"] = {"organs": ["liver"], "min_z": 5.0, "min_inscribed_mm": 4.0}
+    bundle = load_bundle(_with_post(tmp_path / "6", post))
+    focal = bundle.postprocess.focal_search
+    assert focal == FocalSearch(organs=("liver",), min_z=5.0, min_inscribed_mm=4.0)
+    assert bundle.postprocess.to_json()["focal_search"] == focal.to_json()
+    again = load_bundle(_with_post(tmp_path / "7", bundle.postprocess.to_json()))
+    assert again.postprocess == bundle.postprocess
 
 
 @pytest.mark.parametrize(
@@ -196,6 +211,13 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
             "conspicuity_organs: not an organ channel: heart",
         ),
         ({"lesion_refine": 2}, "lesion_refine must be a JSON object"),
+        ({"focal_search": {"organs": ["heart"]}}, "focal_search.organs: not an organ channel"),
+        ({"focal_search": {"organs": "liver"}}, "focal_search.organs must be a list"),
+        ({"focal_search": {"organs": []}}, "focal_search.organs must be a list"),
+        ({"focal_search": {"min_z": 0}}, "focal_search.min_z must be a number > 0"),
+        ({"focal_search": {"min_fill": -0.1}}, "focal_search.min_fill must be a number >= 0"),
+        ({"focal_search": {"min_zz": 4}}, "focal_search: unknown field"),
+        ({"focal_search": "liver"}, "focal_search must be a JSON object"),
         ([0.2], "must be a JSON object"),
     ],
 )
@@ -459,3 +481,74 @@ def test_lesion_conspicuity_bench_counts_every_reference_lesion(tmp_path: Path) 
     # a simple cyst stands out by several robust SD, darker than the liver
     cysts = [x for x in result["lesions"] if x["disease"] == "simple_cyst"]
     assert cysts and all(x["conspicuity"] < -2.0 for x in cysts)
+
+
+# ---------------------------------------------------------------------------
+# distinct focal areas the network did not mark (postprocess.focal_search)
+
+
+def test_find_focal_lesions_adds_only_distinct_compact_areas_nobody_marked() -> None:
+    """In an organ of SD 10 noise: a bright and a dark ball are added as lesions 3 and 4
+    (after the highest number); a faint ball, a bright vessel, a ball the network
+    already marks, a ball touching it, and a ball of voxels the network gave another
+    organ are not; nothing outside the new lesions changes."""
+    rng = np.random.default_rng(5)
+    shape = (40, 96, 96)
+    spacing = (2.5, 1.5, 1.5)
+    k, r, c = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    image = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[2:38, 4:92, 4:92] = LIVER
+    inst = np.zeros(shape, dtype=np.int32)
+
+    def ball(ck: int, cr: int, cc: int, mm: float) -> np.ndarray:
+        d2 = ((k - ck) * 2.5) ** 2 + ((r - cr) * 1.5) ** 2 + ((c - cc) * 1.5) ** 2
+        out: np.ndarray = d2 <= mm**2
+        return out
+
+    bright, dark = ball(12, 25, 25, 10.0), ball(26, 25, 70, 10.0)
+    image[bright] += 45.0
+    image[dark] -= 45.0
+    image[ball(12, 70, 25, 10.0)] += 5.0  # faint: half an SD
+    image[20:22, 30:80, 47:50] += 60.0  # a vessel, 3 mm across
+    marked = ball(28, 70, 70, 9.0)
+    image[marked] += 45.0
+    inst[marked] = 2
+    image[ball(28, 70, 84, 7.0)] += 45.0  # touches lesion 2's neighbourhood
+    inst[ball(8, 48, 48, 4.0)] = 1  # a small lesion elsewhere
+    other = ball(20, 48, 20, 9.0)
+    image[other] += 45.0
+    labels[other] = PANCREAS
+    labels_before, inst_before = labels.copy(), inst.copy()
+    rule = FocalSearch()
+    assert find_focal_lesions(image, inst, labels, spacing, rule, LIVER) == [3, 4]
+    for number, truth in ((3, bright), (4, dark)):
+        found = inst == number
+        overlap = (found & truth).sum()
+        assert overlap / found.sum() > 0.8 and overlap / truth.sum() > 0.7
+        assert (labels[found] == LIVER).all()
+    new = inst >= 3
+    assert (inst[~new] == inst_before[~new]).all()
+    assert (labels[~new] == labels_before[~new]).all()
+    assert (inst_before[new] == 0).all() and (labels_before[new] != PANCREAS).all()
+    # a stricter rule finds neither; an organ that is absent, nothing
+    strict = find_focal_lesions(
+        image, inst_before.copy(), labels_before.copy(), spacing, FocalSearch(min_z=1000.0), LIVER
+    )
+    assert strict == []
+    assert (
+        find_focal_lesions(
+            image, inst_before.copy(), labels_before.copy(), spacing, rule, GALLBLADDER
+        )
+        == []
+    )
+    # on a coarser grid (2 x 2 x 2 voxel blocks on a finer image) the same two are found
+    fine = find_focal_lesions(
+        image,
+        inst_before.copy(),
+        labels_before.copy(),
+        (1.0, 0.8, 0.8),
+        replace(rule, grid_mm=1.6),
+        LIVER,
+    )
+    assert fine == [3, 4]
