@@ -244,16 +244,17 @@ class FocalSearch:
     as lesion (``postprocess.focal_search``; :func:`models.inference.find_focal_lesions`).
 
     The image is averaged to a grid of about ``grid_mm`` and smoothed by a Gaussian of
-    ``smooth_mm`` within the organ (its holes filled); a voxel at least ``edge_mm`` inside
-    the organ stands out when it lies at least ``min_z`` robust standard deviations of the
-    smoothed organ (1.4826 x the median absolute deviation, lesions left out) from the
-    organ's median, brighter or darker. Those voxels are opened by a ball of ``open_mm``
-    (which cuts the vessels and ducts that touch a lesion away from it), and a piece
-    becomes a lesion when the largest ball it holds has a radius of at least
-    ``min_inscribed_mm`` and it fills at least ``min_fill`` of the sphere as wide as its
-    longest extent along the grid's axes: a compact area, not a vessel or a fissure.
-    Voxels the network gave another organ are never taken. Found lesions then go
-    through ``lesion_refine`` like the network's.
+    ``smooth_mm`` within the organ (its holes filled). The organ's median and spread
+    (1.4826 x the median absolute deviation) are taken from the smoothed organ at least
+    ``edge_mm`` inside it, lesions and the voxels near them left out; a voxel stands out
+    when it lies at least ``min_z`` such spreads from that median, brighter or darker.
+    Those voxels are opened by a ball of ``open_mm`` (which cuts the vessels and ducts
+    that touch a lesion away from it), and a piece becomes a lesion when the largest
+    ball it holds has a radius of at least ``min_inscribed_mm`` and it fills at least
+    ``min_fill`` of the sphere as wide as its longest extent along the grid's axes: a
+    compact area, not a vessel or a fissure. A piece within two grid voxels of a lesion
+    belongs to that lesion and is left alone, and voxels the network gave another organ
+    are never taken. Found lesions then go through ``lesion_refine`` like the network's.
     """
 
     organs: tuple[str, ...] = ("liver",)
