@@ -38,8 +38,8 @@ from model_quality import _volume
 from models.bundle import load_bundle
 from models.case import CaseTruth
 from models.evaluation.detection import match_lesions
-from models.inference import conspicuity, padded_box, segment
-from models.measure import lesion_boxes
+from models.inference import conspicuity, segment
+from models.measure import lesion_boxes, padded_box
 from models.nifti import load_nifti_krc
 from models.synthetic.labels import LABEL_OF_ORGAN
 

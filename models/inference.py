@@ -60,7 +60,14 @@ from models.findings import (
     Provenance,
     ReportSentence,
 )
-from models.measure import LesionEdge, lesion_boxes, mask_box, measure_lesions, measure_organ
+from models.measure import (
+    LesionEdge,
+    lesion_boxes,
+    mask_box,
+    measure_lesions,
+    measure_organ,
+    padded_box,
+)
 from models.phase import estimate_phase
 from models.vocab import ContrastPhase, Organ
 from models.volume import Volume
@@ -371,15 +378,6 @@ def _split_components(
         out[box][m] = parts[m] + total
         total += k
     return out, total
-
-
-def padded_box(found: tuple[slice, ...], shape: Sequence[int], pad: int) -> tuple[slice, ...]:
-    """``found`` (a :func:`scipy.ndimage.find_objects` box) widened by ``pad`` voxels on
-    each side, within an array of ``shape``."""
-    return tuple(
-        slice(max(s.start - pad, 0), min(s.stop + pad, n))
-        for s, n in zip(found, shape, strict=True)
-    )
 
 
 def _edge_levels(

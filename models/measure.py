@@ -23,7 +23,7 @@ and oblique (even sheared) in-plane axes are handled exactly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -137,6 +137,15 @@ def mask_box(mask: BoolMask) -> tuple[slice, ...] | None:
     """The smallest box that holds every voxel of ``mask``; None for an empty mask."""
     found = ndimage.find_objects(np.asarray(mask, dtype=bool).view(np.uint8))
     return found[0] if found else None
+
+
+def padded_box(found: tuple[slice, ...], shape: Sequence[int], pad: int) -> tuple[slice, ...]:
+    """``found`` (a :func:`scipy.ndimage.find_objects` box) widened by ``pad`` voxels on
+    each side, within an array of ``shape``."""
+    return tuple(
+        slice(max(s.start - pad, 0), min(s.stop + pad, n))
+        for s, n in zip(found, shape, strict=True)
+    )
 
 
 # ---------------------------------------------------------------------------

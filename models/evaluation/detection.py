@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.evaluation.segmentation import centroid_lps, compare_masks
-from models.measure import lesion_boxes, lesion_instances, long_axis_mm
+from models.measure import lesion_boxes, lesion_instances, long_axis_mm, padded_box
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -164,10 +164,10 @@ def _union_box(
     a: tuple[slice, ...], b: tuple[slice, ...], shape: Sequence[int], margin: int
 ) -> tuple[slice, ...]:
     """The smallest box holding ``a`` and ``b``, ``margin`` voxels wider, within ``shape``."""
-    return tuple(
-        slice(max(min(x.start, y.start) - margin, 0), min(max(x.stop, y.stop) + margin, n))
-        for x, y, n in zip(a, b, shape, strict=True)
+    union = tuple(
+        slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b, strict=True)
     )
+    return padded_box(union, shape, margin)
 
 
 def _shifted(affine: npt.NDArray[np.float64], box: tuple[slice, ...]) -> npt.NDArray[np.float64]:

@@ -28,6 +28,8 @@ import numpy.typing as npt
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from models.measure import mask_box
+
 BoolMask = npt.NDArray[np.bool_]
 Spacing = Sequence[float]
 
@@ -50,10 +52,10 @@ def _cropped_pair(pred: npt.ArrayLike, ref: npt.ArrayLike) -> tuple[BoolMask, Bo
     both masks are empty, surfaces are found by erosion with an empty border, and
     centroids enter only as their difference."""
     p, r = _pair(pred, ref)
-    found = ndimage.find_objects((p | r).view(np.uint8))
-    if not found or found[0] is None:
+    box = mask_box(p | r)
+    if box is None:
         return p, r
-    return p[found[0]], r[found[0]]
+    return p[box], r[box]
 
 
 def dice(pred: npt.ArrayLike, ref: npt.ArrayLike) -> float:
