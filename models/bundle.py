@@ -167,6 +167,11 @@ class LesionRefine:
     afterwards (:func:`models.inference.split_refined_lesions`: distance-map maxima that
     rise ``split_mm`` above their saddle); only pieces whose equivalent-sphere
     diameter reaches ``split_min_mm`` become lesions of their own.
+    With ``open_slices``, each slice's redrawn outline is then opened by a 3 x 3 square
+    and only the opened pieces that overlap the network's outline are kept: strands one
+    or two voxels wide (darker partial-volume voxels along the organ's capsule, a vessel
+    beside the lesion) are cut off, as they lengthen the axial long axis, and a slice
+    whose outline is all strand keeps it.
     With ``min_conspicuity``, a lesion whose median differs from the median of the
     organ ring around it (2-3 voxels out) by less than this many robust standard
     deviations of that ring is not reported
@@ -183,6 +188,7 @@ class LesionRefine:
     split_min_mm: float = 0.0
     min_conspicuity: float | None = None
     conspicuity_organs: tuple[str, ...] = ()
+    open_slices: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.grow_voxels, int) or not 1 <= self.grow_voxels <= 5:
@@ -199,6 +205,8 @@ class LesionRefine:
             raise BundleError("postprocess lesion_refine.min_conspicuity must be a positive number")
         if not all(isinstance(x, str) for x in self.conspicuity_organs):
             raise BundleError("postprocess lesion_refine.conspicuity_organs must be organ names")
+        if not isinstance(self.open_slices, bool):
+            raise BundleError("postprocess lesion_refine.open_slices must be true or false")
 
     @classmethod
     def from_json(cls, data: Any) -> LesionRefine:
@@ -212,6 +220,7 @@ class LesionRefine:
             "split_min_mm",
             "min_conspicuity",
             "conspicuity_organs",
+            "open_slices",
         }
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -235,6 +244,8 @@ class LesionRefine:
             out.update(min_conspicuity=self.min_conspicuity)
         if self.conspicuity_organs:
             out.update(conspicuity_organs=list(self.conspicuity_organs))
+        if self.open_slices:
+            out.update(open_slices=True)
         return out
 
 

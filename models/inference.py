@@ -403,6 +403,19 @@ def _edge_levels(
     return fg, bg, sign
 
 
+def _open_slice(outline: npt.NDArray[np.bool_], network: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """One slice's outline opened by a 3 x 3 square, keeping the opened pieces that
+    overlap the network's outline ``network`` (all of them if none does); an outline
+    that opening would empty is kept as it is (:class:`LesionRefine` ``open_slices``)."""
+    opened = ndimage.binary_opening(outline, structure=_STRUCT8)
+    if not opened.any():
+        return outline
+    pieces, _ = ndimage.label(opened, structure=_STRUCT8)
+    on = np.unique(pieces[network & opened])
+    on = on[on > 0]
+    return np.isin(pieces, on) if on.size else opened
+
+
 def refine_lesion(
     image: npt.NDArray[Any],
     instances: npt.NDArray[np.int32],
@@ -459,6 +472,8 @@ def refine_lesion(
         pieces, _ = ndimage.label(r[k], structure=_STRUCT8)
         on = np.unique(pieces[mb[k] & r[k]])
         r[k] = ndimage.binary_fill_holes(np.isin(pieces, on[on > 0]))
+        if params.open_slices:
+            r[k] = _open_slice(r[k], mb[k])
     if not r.any():
         return None
     out = np.zeros(m.shape, dtype=bool)

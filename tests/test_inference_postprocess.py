@@ -23,6 +23,7 @@ from models.bundle import (
     load_bundle,
 )
 from models.evaluation.detection import longest_axial_diameter_mm
+from models.nifti import load_nifti_krc
 from models.inference import (
     drop_inconspicuous,
     find_focal_lesions,
@@ -178,6 +179,12 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
     bundle = load_bundle(_with_post(tmp_path / "5", post))
     refine = bundle.postprocess.lesion_refine
     assert refine is not None and refine.conspicuity_organs == ("liver",)
+    assert not refine.open_slices
+    assert bundle.postprocess.to_json() == post
+    post["lesion_refine"] = {**post["lesion_refine"], "open_slices": True}
+    bundle = load_bundle(_with_post(tmp_path / "5b", post))
+    refine = bundle.postprocess.lesion_refine
+    assert refine is not None and refine.open_slices
     assert bundle.postprocess.to_json() == post
     post["focal_search"] = {"organs": ["liver"], "min_z": 5.0, "min_inscribed_mm": 4.0}
     bundle = load_bundle(_with_post(tmp_path / "6", post))
@@ -211,6 +218,7 @@ def test_bundle_reads_declared_postprocess(tmp_path: Path) -> None:
             "conspicuity_organs: not an organ channel: heart",
         ),
         ({"lesion_refine": 2}, "lesion_refine must be a JSON object"),
+        ({"lesion_refine": {"open_slices": 1}}, "open_slices must be true or false"),
         ({"focal_search": {"organs": ["heart"]}}, "focal_search.organs: not an organ channel"),
         ({"focal_search": {"organs": "liver"}}, "focal_search.organs must be a list"),
         ({"focal_search": {"organs": []}}, "focal_search.organs must be a list"),
@@ -331,6 +339,34 @@ def test_refine_adds_no_island_that_only_joins_the_lesion_through_another_slice(
     assert new[8, 24, 33]
     assert not new[9, 24, 33]
     assert (new & sphere).sum() >= 0.95 * sphere.sum()
+
+
+def test_open_slices_cuts_a_strand_along_the_organs_edge_off_the_outline() -> None:
+    """A dark strand two voxels wide that leaves the lesion along the organ's edge
+    (partial volume with the fat beyond the capsule) stays in the outline and doubles
+    the long axis; with ``open_slices`` it is cut off and the lesion's own outline kept."""
+    rng = np.random.default_rng(5)
+    k, r, c = np.ogrid[:16, :48, :48]
+    sphere = ((k - 8) * 2.5) ** 2 + (r - 24.0) ** 2 + (c - 30.0) ** 2 <= 6.0**2
+    strand = np.zeros(sphere.shape, dtype=bool)
+    strand[7:10, 6:25, 36:38] = True  # from the lesion's edge up the organ's edge
+    dark = sphere | strand
+    image = np.where(dark, 10.0, 50.0) + rng.normal(0.0, 2.0, sphere.shape)
+    image[:, :, 38:] = -100.0  # fat beyond the organ
+    organ = np.ones(sphere.shape, dtype=bool)
+    organ[:, :, 38:] = False
+    inst = dark.astype(np.int32)  # the network marked the strand too
+    true_mm = longest_axial_diameter_mm(sphere, AFFINE)
+    for open_slices, longer in ((False, True), (True, False)):
+        params = LesionRefine(grow_voxels=2, smooth_voxels=0.0, open_slices=open_slices)
+        refined = refine_lesion(
+            image.astype(np.float32), inst, 1, organ & ~dark, (2.5, 1.0, 1.0), params
+        )
+        assert refined is not None
+        new = refined[0]
+        assert (new & sphere).sum() >= 0.9 * sphere.sum()
+        assert (longest_axial_diameter_mm(new, AFFINE) > true_mm + 8.0) is longer
+        assert bool(new[8, 8, 36]) is longer  # the strand's far end
 
 
 SPLIT_SPACING = (2.5, 1.0, 1.0)  # a 20 x 60 x 60 grid
@@ -481,6 +517,46 @@ def test_lesion_conspicuity_bench_counts_every_reference_lesion(tmp_path: Path) 
     # a simple cyst stands out by several robust SD, darker than the liver
     cysts = [x for x in result["lesions"] if x["disease"] == "simple_cyst"]
     assert cysts and all(x["conspicuity"] < -2.0 for x in cysts)
+
+
+def test_lesion_figure_bench_describes_every_reference_lesion(tmp_path: Path) -> None:
+    """bench/lesion_figure.py on a synthetic case: every reference lesion with voxels is
+    described (core, rim, ring, organ, and the same after smoothing inside the organ),
+    the figure is a PNG, a simple cyst stands far below the liver even smoothed, and a
+    case that is not in the dataset is refused by name."""
+    import subprocess
+    import sys
+
+    from node.cli import main
+
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "-n", "1", "--seed", "1001", "--shape", "80", "144",
+                 "144", "--spacing", "4", "2.5", "2.5", "--no-dicom"]) == 0  # fmt: skip
+    script = Path(__file__).resolve().parents[1] / "bench" / "lesion_figure.py"
+    png, out = tmp_path / "fig.png", tmp_path / "fig.json"
+    args = [sys.executable, str(script), str(data)]
+    proc = subprocess.run(
+        [*args, "synth-001001", "--out", str(png), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(out.read_text())
+    truth = json.loads((data / "cases" / "synth-001001" / "truth.json").read_text())
+    labels = np.asarray(load_nifti_krc(data / "cases" / "synth-001001" / "lesion_labels.nii.gz")[0])
+    with_voxels = [les["number"] for les in truth["lesions"] if (labels == les["number"]).any()]
+    assert [x["lesion"] for x in result["lesions"]] == with_voxels
+    cysts = [x for x in result["lesions"] if x["disease"] == "simple_cyst"]
+    assert cysts
+    for cyst in cysts:
+        assert cyst["core"] < cyst["organ_median"] - 40.0
+        assert cyst["smoothed_core_z"] < -3.0
+    proc = subprocess.run(
+        [*args, "synth-009999", "--out", str(png)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0 and "synth-009999 is not in" in proc.stderr
 
 
 # ---------------------------------------------------------------------------
