@@ -110,7 +110,7 @@ def figure(image: np.ndarray, lesions: np.ndarray, rows: list[dict[str, Any]], o
     fig, axes = plt.subplots(2, len(rows), figsize=(3.2 * len(rows), 6.6), squeeze=False)
     for i, row in enumerate(rows):
         m = lesions == row["lesion"]
-        k, r, c = (int(round(v)) for v in np.argwhere(m).mean(axis=0))
+        k, r, c = (int(v) for v in np.rint(np.argwhere(m).mean(axis=0)))
         view = (slice(max(r - 28, 0), r + 28), slice(max(c - 28, 0), c + 28))
         lo = row["organ_median"] - 50
         for j in (0, 1):

@@ -23,7 +23,6 @@ from models.bundle import (
     load_bundle,
 )
 from models.evaluation.detection import longest_axial_diameter_mm
-from models.nifti import load_nifti_krc
 from models.inference import (
     drop_inconspicuous,
     find_focal_lesions,
@@ -34,6 +33,7 @@ from models.inference import (
     refine_lesions,
     split_refined_lesions,
 )
+from models.nifti import load_nifti_krc
 from models.vocab import Organ
 from tests.test_bundle import make_tiny_bundle
 
@@ -302,6 +302,22 @@ def test_refine_lesions_moves_voxels_between_lesion_and_organ_only() -> None:
     assert (new_inst == 1).sum() < coarse.sum()
     assert ((new_inst == 1) <= (new_labels == LIVER)).all()
     assert (new_labels == labels).all()  # the lesion stayed inside its organ
+
+
+def test_refine_lesions_in_place_changes_the_arrays_given_and_nothing_else() -> None:
+    """``in_place``: the maps given come back changed, with the same result as the
+    copying call, which leaves its inputs as they were."""
+    image, sphere = _organ_with_lesion(-40.0)
+    inst = _grown(sphere, 2).astype(np.int32)
+    labels = np.full(inst.shape, LIVER, dtype=np.uint8)
+    before = inst.copy(), labels.copy()
+    copied = refine_lesions(image, inst, labels, (2.5, 1.0, 1.0), LesionRefine())
+    assert (inst == before[0]).all() and (labels == before[1]).all()
+    done = refine_lesions(image, inst, labels, (2.5, 1.0, 1.0), LesionRefine(), in_place=True)
+    assert done[0] is inst and done[1] is labels
+    assert (inst == copied[0]).all() and (labels == copied[1]).all()
+    assert not (inst == before[0]).all()
+    assert done[2] == copied[2]
 
 
 def test_refine_never_grows_a_lesion_into_the_fat_beyond_its_organ() -> None:
