@@ -62,23 +62,23 @@ def lesion_rows(
     smooth_mm: float,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    smoothed: dict[int, tuple[np.ndarray, float, float]] = {}
+    # per organ label: the smoothed image, its median and robust SD, the raw ones
+    stats: dict[int, tuple[np.ndarray, float, float, float, float]] = {}
     for les in truth["lesions"]:
         m = lesions == les["number"]
         if not m.any():
             continue
         label = LABEL_OF_ORGAN[Organ(les["organ"])]
         organ = (organs == label) & (lesions == 0)
-        if label not in smoothed:
+        if label not in stats:
             s = smoothed_inside(image, organ | (lesions > 0), spacing, smooth_mm)
-            smoothed[label] = (s, *_robust(s[organ]))
-        s, s_med, s_sd = smoothed[label]
+            stats[label] = (s, *_robust(s[organ]), *_robust(image[organ]))
+        s, s_med, s_sd, o_med, o_sd = stats[label]
         core = ndimage.binary_erosion(m)
         if not core.any():
             core = m
         rim = m & ~core
         ring = ndimage.binary_dilation(m, iterations=2) & ~m & organ
-        o_med, o_sd = _robust(image[organ])
         rows.append(
             {
                 "lesion": les["number"],

@@ -168,9 +168,10 @@ class LesionRefine:
     rise ``split_mm`` above their saddle); only pieces whose equivalent-sphere
     diameter reaches ``split_min_mm`` become lesions of their own.
     With ``open_slices``, each slice's redrawn outline is then opened by a 3 x 3 square
-    and only the opened pieces that overlap the network's outline are kept: strands one
-    or two voxels wide (darker partial-volume voxels along the organ's capsule, a vessel
-    beside the lesion) are cut off, as they lengthen the axial long axis, and a slice
+    and only the opened pieces that overlap the network's outline are kept, with the
+    outline's voxels next to them given back: strands one or two voxels wide (darker
+    partial-volume voxels along the organ's capsule, a vessel beside the lesion) are
+    cut off beyond their first voxel, as they lengthen the axial long axis, and a slice
     whose outline is all strand keeps it.
     With ``min_conspicuity``, a lesion whose median differs from the median of the
     organ ring around it (2-3 voxels out) by less than this many robust standard
