@@ -32,25 +32,10 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.inference import robust_stats, smooth_inside
 from models.nifti import load_nifti_krc
 from models.synthetic.labels import LABEL_OF_ORGAN
 from models.vocab import Organ
-
-
-def _robust(values: np.ndarray) -> tuple[float, float]:
-    med = float(np.median(values))
-    return med, 1.4826 * float(np.median(np.abs(values - med)))
-
-
-def smoothed_inside(
-    image: np.ndarray, inside: np.ndarray, spacing: np.ndarray, sigma_mm: float
-) -> np.ndarray:
-    """``image`` smoothed by a Gaussian of ``sigma_mm`` using only the voxels of
-    ``inside`` (normalised convolution: nothing from outside the organ bleeds in)."""
-    sigma = sigma_mm / spacing
-    w = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
-    s = ndimage.gaussian_filter(np.where(inside, image, 0.0).astype(np.float32), sigma)
-    return s / np.maximum(w, 1e-3)
 
 
 def lesion_rows(
@@ -71,8 +56,8 @@ def lesion_rows(
         label = LABEL_OF_ORGAN[Organ(les["organ"])]
         organ = (organs == label) & (lesions == 0)
         if label not in stats:
-            s = smoothed_inside(image, organ | (lesions > 0), spacing, smooth_mm)
-            stats[label] = (s, *_robust(s[organ]), *_robust(image[organ]))
+            s = smooth_inside(image, organ | (lesions > 0), smooth_mm / spacing)
+            stats[label] = (s, *robust_stats(s[organ]), *robust_stats(image[organ]))
         s, s_med, s_sd, o_med, o_sd = stats[label]
         core = ndimage.binary_erosion(m)
         if not core.any():

@@ -380,6 +380,26 @@ def _split_components(
     return out, total
 
 
+def robust_stats(values: npt.NDArray[Any]) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 x the median absolute deviation)."""
+    median = float(np.median(values))
+    return median, 1.4826 * float(np.median(np.abs(values - median)))
+
+
+def smooth_inside(
+    image: npt.NDArray[Any], inside: npt.NDArray[np.bool_], sigma: Any
+) -> npt.NDArray[np.float32]:
+    """``image`` smoothed by a Gaussian of ``sigma`` voxels from the voxels of ``inside``
+    only (normalised convolution: what lies outside does not bleed in); 0 where almost
+    no ``inside`` voxel is near."""
+    weight = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
+    smooth = ndimage.gaussian_filter(np.where(inside, image, 0.0).astype(np.float32), sigma)
+    out: npt.NDArray[np.float32] = np.divide(
+        smooth, weight, out=np.zeros_like(smooth), where=weight > 0.05
+    )
+    return out
+
+
 def _edge_levels(
     img: npt.NDArray[np.float32],
     mask: npt.NDArray[np.bool_],
@@ -394,10 +414,9 @@ def _edge_levels(
     ring = (d_out > params.grow_voxels) & (d_out <= params.grow_voxels + 3) & organ
     if ring.sum() < 10:
         return None
-    bg = float(np.median(img[ring]))
+    bg, noise = robust_stats(img[ring])
     sign = 1.0 if float(np.median(img[core])) >= bg else -1.0
     fg = float(np.percentile(img[mask], 75 if sign > 0 else 25))
-    noise = 1.4826 * float(np.median(np.abs(img[ring] - bg)))
     if abs(fg - bg) <= params.min_contrast * noise or fg == bg:
         return None
     return fg, bg, sign
@@ -627,8 +646,7 @@ def conspicuity(
     if ring.sum() < 5:
         return None
     img = np.asarray(image, dtype=np.float32)
-    bg = float(np.median(img[ring]))
-    noise = 1.4826 * float(np.median(np.abs(img[ring] - bg)))
+    bg, noise = robust_stats(img[ring])
     if noise == 0.0:
         return None
     return (float(np.median(img[lesion])) - bg) / noise
@@ -683,15 +701,11 @@ def find_focal_lesions(
     tissue = organ_c & ~near_lesion
     inner = ndimage.distance_transform_edt(organ_c, sampling=sp_c) > rule.edge_mm
     # the organ's own smoothing: what lies outside it does not bleed in
-    sigma = rule.smooth_mm / sp_c
-    weight = ndimage.gaussian_filter(organ_c.astype(np.float32), sigma)
-    smooth = ndimage.gaussian_filter(np.where(organ_c, img_c, 0.0).astype(np.float32), sigma)
-    smooth = np.divide(smooth, weight, out=np.zeros_like(smooth), where=weight > 0.05)
+    smooth = smooth_inside(img_c, organ_c, rule.smooth_mm / sp_c)
     ref = smooth[tissue & inner]
     if ref.size < 50:
         return []
-    median = float(np.median(ref))
-    spread = 1.4826 * float(np.median(np.abs(ref - median)))
+    median, spread = robust_stats(ref)
     if spread == 0.0:
         return []
     diff = np.abs(smooth - median)
