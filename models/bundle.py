@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,6 +327,13 @@ class FocalSearch:
         }
 
 
+def _only_organs(field: str, names: Iterable[str], organs: Collection[str]) -> None:
+    """Refuse a postprocess ``field`` that names something other than an organ channel."""
+    bad = sorted(set(names) - set(organs))
+    if bad:
+        raise BundleError(f"postprocess {field}: not an organ channel: {', '.join(bad)}")
+
+
 @dataclass(frozen=True)
 class PostProcess:
     """How probabilities become labels (``hpb_node.postprocess`` in ``configs/metadata.json``;
@@ -387,38 +394,25 @@ class PostProcess:
         thresholds = data.get("organ_thresholds") or {}
         if not isinstance(thresholds, Mapping):
             raise BundleError("postprocess organ_thresholds must map organ names to numbers")
-        bad = sorted(set(thresholds) - organs)
-        if bad:
-            raise BundleError(
-                f"postprocess organ_thresholds: not an organ channel: {', '.join(bad)}"
-            )
+        _only_organs("organ_thresholds", thresholds, organs)
         fill = data.get("fill_holes") or []
         if not isinstance(fill, list) or not all(isinstance(x, str) for x in fill):
             raise BundleError("postprocess fill_holes must be a list of organ names")
-        bad = sorted(set(fill) - organs)
-        if bad:
-            raise BundleError(f"postprocess fill_holes: not an organ channel: {', '.join(bad)}")
+        _only_organs("fill_holes", fill, organs)
         refine = (
             LesionRefine.from_json(data["lesion_refine"])
             if data.get("lesion_refine") is not None
             else None
         )
-        bad = sorted(set(refine.conspicuity_organs if refine else ()) - organs)
-        if bad:
-            raise BundleError(
-                f"postprocess lesion_refine.conspicuity_organs: not an organ channel: "
-                f"{', '.join(bad)}"
-            )
+        _only_organs(
+            "lesion_refine.conspicuity_organs", refine.conspicuity_organs if refine else (), organs
+        )
         focal = (
             FocalSearch.from_json(data["focal_search"])
             if data.get("focal_search") is not None
             else None
         )
-        bad = sorted(set(focal.organs if focal else ()) - organs)
-        if bad:
-            raise BundleError(
-                f"postprocess focal_search.organs: not an organ channel: {', '.join(bad)}"
-            )
+        _only_organs("focal_search.organs", focal.organs if focal else (), organs)
         return cls(
             lesion_threshold=data.get("lesion_threshold"),
             lesion_seed_threshold=data.get("lesion_seed_threshold"),
