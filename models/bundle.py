@@ -31,7 +31,7 @@ import json
 import logging
 import shutil
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,17 @@ class IntensityNorm:
             raise BundleError("intensity percentile bounds must lie within 0..100")
 
 
+def _step_fields(step: str, data: Any, cls: type) -> dict[str, Any]:
+    """A postprocess step's JSON object as a dict, refused unless it is an object whose
+    keys are all fields of the dataclass ``cls``."""
+    if not isinstance(data, Mapping):
+        raise BundleError(f"postprocess {step} must be a JSON object")
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise BundleError(f"postprocess {step}: unknown field(s) {', '.join(unknown)}")
+    return dict(data)
+
+
 @dataclass(frozen=True)
 class LesionRefine:
     """Redraw a lesion's outline at half contrast on the source grid
@@ -211,22 +222,7 @@ class LesionRefine:
 
     @classmethod
     def from_json(cls, data: Any) -> LesionRefine:
-        if not isinstance(data, Mapping):
-            raise BundleError("postprocess lesion_refine must be a JSON object")
-        fields = {
-            "grow_voxels",
-            "smooth_voxels",
-            "min_contrast",
-            "split_mm",
-            "split_min_mm",
-            "min_conspicuity",
-            "conspicuity_organs",
-            "open_slices",
-        }
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise BundleError(f"postprocess lesion_refine: unknown field(s) {', '.join(unknown)}")
-        values = dict(data)
+        values = _step_fields("lesion_refine", data, cls)
         named = values.get("conspicuity_organs", [])
         if not isinstance(named, list):
             raise BundleError("postprocess lesion_refine.conspicuity_organs must be a list")
@@ -292,22 +288,7 @@ class FocalSearch:
 
     @classmethod
     def from_json(cls, data: Any) -> FocalSearch:
-        if not isinstance(data, Mapping):
-            raise BundleError("postprocess focal_search must be a JSON object")
-        fields = {
-            "organs",
-            "min_z",
-            "min_inscribed_mm",
-            "min_fill",
-            "smooth_mm",
-            "open_mm",
-            "edge_mm",
-            "grid_mm",
-        }
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise BundleError(f"postprocess focal_search: unknown field(s) {', '.join(unknown)}")
-        values = dict(data)
+        values = _step_fields("focal_search", data, cls)
         if "organs" in values:
             if not isinstance(values["organs"], list):
                 raise BundleError("postprocess focal_search.organs must be a list of organ names")
