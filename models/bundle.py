@@ -260,9 +260,12 @@ class FocalSearch:
     that touch a lesion away from it), and a piece becomes a lesion when the largest
     ball it holds has a radius of at least ``min_inscribed_mm`` and it fills at least
     ``min_fill`` of the sphere as wide as its longest extent along the grid's axes: a
-    compact area, not a vessel or a fissure. A piece within two grid voxels of a lesion
-    belongs to that lesion and is left alone, and voxels the network gave another organ
-    are never taken. Found lesions then go through ``lesion_refine`` like the network's.
+    compact area, not a vessel or a fissure. A piece is left alone as the unmarked part
+    of a lesion when that lesion stands out the same way (both brighter or both darker
+    than the organ) and at least half of it lies within two grid voxels of the piece (a
+    bright mass beside a dark lesion, or beside a lesion that only touches it, is a
+    lesion of its own); voxels the network gave another organ are never taken. Found
+    lesions then go through ``lesion_refine`` like the network's.
     """
 
     organs: tuple[str, ...] = ("liver",)

@@ -667,6 +667,43 @@ def _block_mean(a: npt.NDArray[Any], stride: Sequence[int]) -> npt.NDArray[np.fl
     return out
 
 
+def _explained_by_lesion(
+    pieces: npt.NDArray[np.int32],
+    i: int,
+    piece_box: tuple[slice, ...],
+    stride: Sequence[int],
+    inst_b: npt.NDArray[np.int32],
+    lesions_b: dict[int, tuple[int, bool]],
+    signed: npt.NDArray[np.float32],
+) -> bool:
+    """Whether piece ``i`` of the focal search (grid ``pieces``) is the unmarked part of
+    a lesion in ``inst_b`` (source grid; ``lesions_b``: each lesion's voxel count and
+    whether it is brighter than the organ): a lesion of the same sign as the piece's
+    mean difference from the organ (``signed``), at least half of whose voxels lie
+    within two grid voxels of the piece."""
+    win = tuple(slice(max(b.start - 3, 0), b.stop + 3) for b in piece_box)
+    within = pieces[win] == i
+    brighter = bool(signed[win][within].mean() > 0)
+    reach = ndimage.binary_dilation(within, iterations=2)
+    src = tuple(
+        slice(w.start * s, min(w.stop * s, n))
+        for w, s, n in zip(win, stride, inst_b.shape, strict=True)
+    )
+    index = np.ix_(
+        *(
+            np.arange(b.start, b.stop) // s - w.start
+            for b, s, w in zip(src, stride, win, strict=True)
+        )
+    )
+    inst_w = inst_b[src]
+    near = inst_w[reach[index] & (inst_w > 0)]
+    numbers, counts = np.unique(near, return_counts=True)
+    return any(
+        lesions_b[int(n)][1] is brighter and c >= 0.5 * lesions_b[int(n)][0]
+        for n, c in zip(numbers, counts, strict=True)
+    )
+
+
 def find_focal_lesions(
     image: npt.NDArray[Any],
     instances: npt.NDArray[np.int32],
@@ -677,8 +714,8 @@ def find_focal_lesions(
 ) -> list[int]:
     """Add **in place** to ``instances`` (and to ``organ_labels``, as ``channel``) the
     distinct focal areas inside organ ``channel`` that no lesion covers
-    (:class:`models.bundle.FocalSearch`); an area within two grid voxels of a lesion is
-    part of that lesion and is left to it. New lesions are numbered after the highest;
+    (:class:`models.bundle.FocalSearch`); an area that is the unmarked part of a lesion
+    (:func:`_explained_by_lesion`) is left to it. New lesions are numbered after the highest;
     returns their numbers. Everything is done in the organ's box, on a grid of about
     ``rule.grid_mm`` (block means); each area's outline is where its smoothed difference
     from the organ falls to half its peak, drawn back on the source grid only where the
@@ -708,7 +745,18 @@ def find_focal_lesions(
     median, spread = robust_stats(ref)
     if spread == 0.0:
         return []
-    diff = np.abs(smooth - median)
+    # a lesion explains an area beside it (the area is its unmarked part) only when it
+    # stands out the same way (both brighter or both darker than the organ) and lies
+    # mostly within two grid voxels of the area: a bright mass beside a dark lesion, or
+    # beside another lesion that merely touches it, is a lesion of its own
+    img_b = image[box]
+    lesions_b = {
+        n: (np.count_nonzero(m), float(np.median(np.asarray(img_b[b])[m])) >= median)
+        for n, b in lesion_boxes(inst_b).items()
+        for m in [inst_b[b] == n]
+    }
+    signed = smooth - median
+    diff = np.abs(signed)
     out_c = (diff >= rule.min_z * spread) & organ_c & ~lesion_c & ~other_c
     if rule.open_mm > 0 and out_c.any():
         core = ndimage.distance_transform_edt(out_c, sampling=sp_c) > rule.open_mm
@@ -727,7 +775,7 @@ def find_focal_lesions(
         if piece_box is None:
             continue
         piece = np.pad(pieces[piece_box] == i, 1)
-        if (near_lesion[piece_box] & piece[1:-1, 1:-1, 1:-1]).any():
+        if _explained_by_lesion(pieces, i, piece_box, stride, inst_b, lesions_b, signed):
             continue  # part of a lesion the network marked: that lesion is reported
         if ndimage.distance_transform_edt(piece, sampling=sp_c).max() < rule.min_inscribed_mm:
             continue
@@ -743,6 +791,7 @@ def find_focal_lesions(
             continue
         inst_b[full] = number
         labels_b[full] = channel
+        lesions_b[number] = (int(np.count_nonzero(full)), bool(signed[within].mean() > 0))
         added.append(number)
         number += 1
     return added

@@ -580,10 +580,11 @@ def test_lesion_figure_bench_describes_every_reference_lesion(tmp_path: Path) ->
 
 
 def test_find_focal_lesions_adds_only_distinct_compact_areas_nobody_marked() -> None:
-    """In an organ of SD 10 noise: a bright and a dark ball are added as lesions 3 and 4
-    (after the highest number); a faint ball, a bright vessel, a ball the network
-    already marks, a ball touching it, and a ball of voxels the network gave another
-    organ are not; nothing outside the new lesions changes."""
+    """In an organ of SD 10 noise: a bright and a dark ball, and a bright ball beside a
+    dark lesion the network marked, are added as lesions 3-5 (after the highest
+    number); a faint ball, a bright vessel, a bright ball whose middle the network
+    marked (the rest is that lesion's, not a new one), and a ball of voxels the network
+    gave another organ are not; nothing outside the new lesions changes."""
     rng = np.random.default_rng(5)
     shape = (40, 96, 96)
     spacing = (2.5, 1.5, 1.5)
@@ -603,18 +604,21 @@ def test_find_focal_lesions_adds_only_distinct_compact_areas_nobody_marked() -> 
     image[dark] -= 45.0
     image[ball(12, 70, 25, 10.0)] += 5.0  # faint: half an SD
     image[20:22, 30:80, 47:50] += 60.0  # a vessel, 3 mm across
-    marked = ball(28, 70, 70, 9.0)
-    image[marked] += 45.0
-    inst[marked] = 2
-    image[ball(28, 70, 84, 7.0)] += 45.0  # touches lesion 2's neighbourhood
-    inst[ball(8, 48, 48, 4.0)] = 1  # a small lesion elsewhere
+    image[ball(28, 70, 70, 9.0)] += 45.0
+    inst[ball(28, 70, 70, 4.0)] = 2  # the network marked the ball's middle only
+    dark_marked = ball(8, 48, 48, 6.0)
+    image[dark_marked] -= 45.0
+    inst[dark_marked] = 1
+    beside = ball(8, 48, 59, 8.0)  # 2.5 mm from lesion 1, and brighter where it is darker
+    image[beside] += 45.0
     other = ball(20, 48, 20, 9.0)
     image[other] += 45.0
     labels[other] = PANCREAS
     labels_before, inst_before = labels.copy(), inst.copy()
     rule = FocalSearch()
-    assert find_focal_lesions(image, inst, labels, spacing, rule, LIVER) == [3, 4]
-    for number, truth in ((3, bright), (4, dark)):
+    assert find_focal_lesions(image, inst, labels, spacing, rule, LIVER) == [3, 4, 5]
+    for truth in (bright, dark, beside):
+        (number,) = {int(x) for x in np.unique(inst[truth]) if x >= 3}
         found = inst == number
         overlap = (found & truth).sum()
         assert overlap / found.sum() > 0.8 and overlap / truth.sum() > 0.7
@@ -643,4 +647,4 @@ def test_find_focal_lesions_adds_only_distinct_compact_areas_nobody_marked() -> 
         replace(rule, grid_mm=1.6),
         LIVER,
     )
-    assert fine == [3, 4]
+    assert fine == [3, 4, 5]
