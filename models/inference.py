@@ -751,7 +751,7 @@ def find_focal_lesions(
     # beside another lesion that merely touches it, is a lesion of its own
     img_b = image[box]
     lesions_b = {
-        n: (np.count_nonzero(m), float(np.median(np.asarray(img_b[b])[m])) >= median)
+        n: (int(np.count_nonzero(m)), float(np.median(np.asarray(img_b[b])[m])) >= median)
         for n, b in lesion_boxes(inst_b).items()
         for m in [inst_b[b] == n]
     }
