@@ -112,3 +112,59 @@ def test_report_quality_results_name_their_sources() -> None:
     assert all(v == 0 for v in res["unsupported_sentences_by_findings_source"].values())
     causes = res["by_findings_source"]["simulated_measurement"]["missed_items_by_cause"]
     assert sum(causes.values()) > 0 and all(": report" not in k for k in causes)
+
+
+def test_report_misses_bench_states_each_lesion_as_its_record_does(tmp_path: Path) -> None:
+    """bench/report_misses.py on two of the report bench's records: every reference
+    lesion is listed with the status its record gives (not matched: detection; matched
+    but no long axis within max(2 mm, 10 %): measurement), with its medians on the
+    reference masks; the committed results list the committed records' lesions with
+    the same statuses."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report_misses import status
+
+    records_path = ROOT / "bench" / "results" / "report_network_cases.jsonl"
+    records = [json.loads(x) for x in records_path.read_text().splitlines() if x.strip()]
+    # a case with a missed and a mis-measured lesion, and one without either
+    chosen = [r for r in records if r["truth"]["case_id"] in ("synth-700001", "synth-700002")]
+    assert len(chosen) == 2
+    rec = tmp_path / "two.jsonl"
+    rec.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    out = tmp_path / "misses.json"
+    script = ROOT / "bench" / "report_misses.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--records", str(rec), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["cases"] == 2 and res["model"] == chosen[0]["model"]
+    listed = [(x["case_id"], x["lesion"], x["status"]) for x in res["lesions"]]
+    expected = [
+        (r["truth"]["case_id"], les["number"], status(les, r)[0])
+        for r in chosen
+        for les in r["truth"]["lesions"]
+    ]
+    assert listed == expected and len(listed) == res["summary"]["lesions"]
+    assert {s for _, _, s in listed} >= {"ok", "detection"}
+    # a missed lesion is matched by no measured lesion of its record
+    for case_id, number, state in listed:
+        r = next(x for x in chosen if x["truth"]["case_id"] == case_id)
+        matched = [x for x in r["lesions"] if x["truth_lesion"] == number]
+        assert (state == "detection") == (not matched)
+    assert all(x["core"] is not None and x["smoothed_core_z"] is not None for x in res["lesions"])
+    # a gallstone stands far above the bile around it
+    stones = [x for x in res["lesions"] if x["disease"] == "cholelithiasis"]
+    assert stones and all(x["smoothed_core_z"] > 3 for x in stones)
+    committed = json.loads((ROOT / "bench" / "results" / "report_misses.json").read_text())
+    assert committed["model"] == records[0]["model"]
+    assert [(x["case_id"], x["lesion"], x["status"]) for x in committed["lesions"]] == [
+        (r["truth"]["case_id"], les["number"], status(les, r)[0])
+        for r in records
+        for les in r["truth"]["lesions"]
+    ]
