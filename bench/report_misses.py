@@ -14,9 +14,10 @@ lesion's long axis is within max(2 mm, 10 %) of the drawn diameter, the report
 check's rule ``models.evaluation.text.sizes_within``) or ``ok``; and the medians of
 ``bench/lesion_figure.py`` on the reference masks (core, rim, a ring of the organ
 around it, the organ's robust SD, and the core's z in the image smoothed inside the
-organ). The summary counts each status by that z: a lesion under 1 smoothed robust SD
-from its organ is one a reader of the image could not point to; a missed lesion 2 or
-more from it was in the image to be found.
+organ). The summary counts each status by that z: a missed lesion 2 or more smoothed
+robust SD from its organ was in the image to be found; one under 1 hardly stands out by
+its core (a rim brighter than the organ, which some metastases have, is not counted, and
+4 mm of smoothing understates a lesion of 10 mm or less: read ``core`` and ``rim``).
 
 All of it is on **synthetic** data: it says how visible the generator draws the
 lesions, not how a scanner would show them.
