@@ -745,16 +745,6 @@ def find_focal_lesions(
     median, spread = robust_stats(ref)
     if spread == 0.0:
         return []
-    # a lesion explains an area beside it (the area is its unmarked part) only when it
-    # stands out the same way (both brighter or both darker than the organ) and lies
-    # mostly within two grid voxels of the area: a bright mass beside a dark lesion, or
-    # beside another lesion that merely touches it, is a lesion of its own
-    img_b = image[box]
-    lesions_b = {
-        n: (int(np.count_nonzero(m)), float(np.median(np.asarray(img_b[b])[m])) >= median)
-        for n, b in lesion_boxes(inst_b).items()
-        for m in [inst_b[b] == n]
-    }
     signed = smooth - median
     diff = np.abs(signed)
     out_c = (diff >= rule.min_z * spread) & organ_c & ~lesion_c & ~other_c
@@ -764,6 +754,16 @@ def find_focal_lesions(
     pieces, n = ndimage.label(out_c)
     if n == 0:
         return []
+    # a lesion explains an area beside it (the area is its unmarked part) only when it
+    # stands out the same way (both brighter or both darker than the organ) and lies
+    # mostly within two grid voxels of the area: a bright mass beside a dark lesion, or
+    # beside another lesion that merely touches it, is a lesion of its own. Each
+    # lesion's voxel count and side, taken only once some area stands out
+    img_b = image[box]
+    lesions_b: dict[int, tuple[int, bool]] = {}
+    for n_les, b in lesion_boxes(inst_b).items():
+        m = inst_b[b] == n_les
+        lesions_b[n_les] = (int(np.count_nonzero(m)), float(np.median(img_b[b][m])) >= median)
     # back to the source grid: each source voxel reads the block it fell in
     index = np.ix_(
         *(np.arange(length) // s for length, s in zip(inst_b.shape, stride, strict=True))
@@ -775,13 +775,14 @@ def find_focal_lesions(
         if piece_box is None:
             continue
         piece = np.pad(pieces[piece_box] == i, 1)
-        if _explained_by_lesion(pieces, i, piece_box, stride, inst_b, lesions_b, signed):
-            continue  # part of a lesion the network marked: that lesion is reported
+        # the cheap shape tests first: most pieces are specks that fail them
         if ndimage.distance_transform_edt(piece, sampling=sp_c).max() < rule.min_inscribed_mm:
             continue
         widest = max((b.stop - b.start) * d for b, d in zip(piece_box, sp_c, strict=True))
         if np.count_nonzero(piece) * float(np.prod(sp_c)) < rule.min_fill * np.pi / 6 * widest**3:
             continue
+        if _explained_by_lesion(pieces, i, piece_box, stride, inst_b, lesions_b, signed):
+            continue  # part of a lesion the network marked: that lesion is reported
         # the outline at half the area's peak difference from the organ (the smoothing
         # widens it); lesion_refine then redraws it on the source grid
         within = pieces == i
